@@ -46,7 +46,8 @@
 /// Largest number of times the bracket on the inverse temperature may double.
 const MAX_BRACKET_DOUBLINGS: usize = 2_100;
 
-/// Largest number of safeguarded Newton steps; bisection alone needs fewer than 1,100.
+/// Largest number of safeguarded Newton steps: a backstop, since Newton converges in a few
+/// steps near the root and every other step at least halves the bracket.
 const MAX_REFINE_STEPS: usize = 1_200;
 
 /// Why a robust loss could not be computed. The caller passed bad input and must fix it.
@@ -227,11 +228,11 @@ pub fn weight_stats(weights: &[f64]) -> WeightStats {
     }
 
     let n = weights.len() as f64;
-    let largest = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let heaviest = largest(weights);
     let zeros = weights.iter().filter(|&&w| w == 0.0).count() as f64;
     WeightStats {
         effective_sample_fraction: total * total / total_sq / n,
-        max_weight: largest / total,
+        max_weight: heaviest / total,
         zero_weight_share: zeros / n,
     }
 }
@@ -264,7 +265,10 @@ fn validate_losses(losses: &[f64]) -> Result<(), RobustError> {
         return Err(RobustError::Empty);
     }
     match losses.iter().position(|loss| !loss.is_finite()) {
-        Some(index) => Err(RobustError::NonFiniteLoss { index, value: losses[index] }),
+        Some(index) => Err(RobustError::NonFiniteLoss {
+            index,
+            value: losses[index],
+        }),
         None => Ok(()),
     }
 }
@@ -289,7 +293,9 @@ struct Scaled {
 
 impl Scaled {
     fn new(losses: &[f64]) -> Self {
-        let largest = losses.iter().fold(0.0, |acc: f64, loss| acc.max(loss.abs()));
+        let largest = losses
+            .iter()
+            .fold(0.0, |acc: f64, loss| acc.max(loss.abs()));
         let scale = power_of_two_at_most(largest);
         let values = losses.iter().map(|loss| loss / scale).collect();
         Self { values, scale }
@@ -297,21 +303,29 @@ impl Scaled {
 
     /// `x_i − max x`, with exactly `0.0` at every maximal loss.
     fn shifted(&self) -> Vec<f64> {
-        let top = self.values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let top = largest(&self.values);
         self.values.iter().map(|x| x - top).collect()
     }
 
     fn solution(&self, weights: Vec<f64>, dual: f64) -> RobustSolution {
         let mean: f64 = weights.iter().zip(&self.values).map(|(q, x)| q * x).sum();
-        RobustSolution { value: mean * self.scale, dual, weights }
+        RobustSolution {
+            value: mean * self.scale,
+            dual,
+            weights,
+        }
     }
 
     /// Uniform weights over the maximal losses, with the value exactly the maximum (summing
     /// `q_i ℓ_i` over ties would round).
     fn concentrated(&self, dual: f64) -> RobustSolution {
-        let top = self.values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let top = largest(&self.values);
         let weights = argmax_weights(&self.values);
-        RobustSolution { value: top * self.scale, dual, weights }
+        RobustSolution {
+            value: top * self.scale,
+            dual,
+            weights,
+        }
     }
 }
 
@@ -326,15 +340,22 @@ fn power_of_two_at_most(x: f64) -> f64 {
     f64::from_bits(((exponent + 1023) as u64) << 52)
 }
 
+fn largest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
 fn uniform_weights(n: usize) -> Vec<f64> {
     vec![1.0 / n as f64; n]
 }
 
 /// Uniform weights over the entries equal to the maximum.
 fn argmax_weights(values: &[f64]) -> Vec<f64> {
-    let top = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let top = largest(values);
     let ties = values.iter().filter(|&&x| x == top).count() as f64;
-    values.iter().map(|&x| if x == top { 1.0 / ties } else { 0.0 }).collect()
+    values
+        .iter()
+        .map(|&x| if x == top { 1.0 / ties } else { 0.0 })
+        .collect()
 }
 
 /// The χ² threshold `c*` for losses sorted in descending order, or `None` when the infimum is
@@ -346,8 +367,13 @@ fn chi2_threshold(descending: &[f64], radius: f64) -> Option<f64> {
 
     while start < n {
         let top = descending[start];
-        let ties = descending[start..].iter().take_while(|&&x| x == top).count();
-        descending[start..start + ties].iter().for_each(|&x| active.push(x));
+        let ties = descending[start..]
+            .iter()
+            .take_while(|&&x| x == top)
+            .count();
+        descending[start..start + ties]
+            .iter()
+            .for_each(|&x| active.push(x));
         start += ties;
 
         // The piece ends where the next smaller loss would join the active set.
@@ -384,7 +410,11 @@ fn piece_root(active: &RunningMoments, n: usize, radius: f64) -> Option<f64> {
 }
 
 fn chi2_at_threshold(scaled: &Scaled, threshold: f64) -> RobustSolution {
-    let excesses: Vec<f64> = scaled.values.iter().map(|x| (x - threshold).max(0.0)).collect();
+    let excesses: Vec<f64> = scaled
+        .values
+        .iter()
+        .map(|x| (x - threshold).max(0.0))
+        .collect();
     let total: f64 = excesses.iter().sum();
     if total <= 0.0 {
         return scaled.concentrated(threshold * scaled.scale);
@@ -430,15 +460,25 @@ struct Tilt {
 
 fn tilt(shifted: &[f64], beta: f64) -> Tilt {
     // Zero stays zero even for an infinite beta, so the maximum always has weight one.
-    let exponentials: Vec<f64> =
-        shifted.iter().map(|&y| if y == 0.0 { 1.0 } else { (beta * y).exp() }).collect();
+    let exponentials: Vec<f64> = shifted
+        .iter()
+        .map(|&y| if y == 0.0 { 1.0 } else { (beta * y).exp() })
+        .collect();
     let total: f64 = exponentials.iter().sum();
     let weights: Vec<f64> = exponentials.iter().map(|e| e / total).collect();
 
     let mean: f64 = weights.iter().zip(shifted).map(|(q, y)| q * y).sum();
-    let variance = weights.iter().zip(shifted).map(|(q, y)| q * (y - mean).powi(2)).sum();
+    let variance = weights
+        .iter()
+        .zip(shifted)
+        .map(|(q, y)| q * (y - mean).powi(2))
+        .sum();
     let log_mean_exp = (total / shifted.len() as f64).ln();
-    Tilt { kl: beta * mean - log_mean_exp, variance, weights }
+    Tilt {
+        kl: beta * mean - log_mean_exp,
+        variance,
+        weights,
+    }
 }
 
 /// The inverse temperature `β*` at which the tilt's divergence equals `radius`, for
@@ -507,6 +547,7 @@ fn newton_or_bisect(x: f64, value: f64, slope: f64, low: f64, high: f64) -> f64 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test should panic on a broken expectation
 mod tests {
     use super::*;
     use rand::rngs::StdRng;
@@ -535,7 +576,10 @@ mod tests {
 
     fn assert_distribution(weights: &[f64], n: usize) {
         assert_eq!(weights.len(), n);
-        assert!(weights.iter().all(|q| q.is_finite() && *q >= 0.0), "{weights:?}");
+        assert!(
+            weights.iter().all(|q| q.is_finite() && *q >= 0.0),
+            "{weights:?}"
+        );
         let total: f64 = weights.iter().sum();
         assert!((total - 1.0).abs() <= 1e-12, "weights sum to {total}");
     }
@@ -559,8 +603,8 @@ mod tests {
     // ---- independent references ----
 
     fn chi2_dual_objective(losses: &[f64], radius: f64, c: f64) -> f64 {
-        let mean_sq = losses.iter().map(|l| (l - c).max(0.0).powi(2)).sum::<f64>()
-            / losses.len() as f64;
+        let mean_sq =
+            losses.iter().map(|l| (l - c).max(0.0).powi(2)).sum::<f64>() / losses.len() as f64;
         c + (1.0 + 2.0 * radius).sqrt() * mean_sq.sqrt()
     }
 
@@ -572,12 +616,20 @@ mod tests {
 
     fn chi2_divergence(weights: &[f64]) -> f64 {
         let n = weights.len() as f64;
-        weights.iter().map(|q| (n * q - 1.0).powi(2) / n).sum::<f64>() / 2.0
+        weights
+            .iter()
+            .map(|q| (n * q - 1.0).powi(2) / n)
+            .sum::<f64>()
+            / 2.0
     }
 
     fn kl_divergence(weights: &[f64]) -> f64 {
         let n = weights.len() as f64;
-        weights.iter().filter(|q| **q > 0.0).map(|q| q * (q * n).ln()).sum()
+        weights
+            .iter()
+            .filter(|q| **q > 0.0)
+            .map(|q| q * (q * n).ln())
+            .sum()
     }
 
     /// Minimum of a unimodal `f` on `[lo, hi]`: a dense grid, then golden-section search
@@ -585,7 +637,9 @@ mod tests {
     fn grid_then_golden(f: impl Fn(f64) -> f64, lo: f64, hi: f64) -> f64 {
         const POINTS: usize = 2001;
         let at = |j: usize| lo + (hi - lo) * j as f64 / (POINTS - 1) as f64;
-        let best = (0..POINTS).min_by(|&a, &b| f(at(a)).total_cmp(&f(at(b)))).unwrap();
+        let best = (0..POINTS)
+            .min_by(|&a, &b| f(at(a)).total_cmp(&f(at(b))))
+            .unwrap();
         let (mut a, mut b) = (at(best.saturating_sub(1)), at((best + 1).min(POINTS - 1)));
 
         let ratio = (5f64.sqrt() - 1.0) / 2.0;
@@ -608,14 +662,18 @@ mod tests {
         }
         let spread = max(losses) - min(losses);
         let lo = min(losses) - (spread + 1.0) * (10.0 + 1.0 / radius.sqrt());
-        grid_then_golden(|c| chi2_dual_objective(losses, radius, c), lo, max(losses) + 1.0)
+        grid_then_golden(
+            |c| chi2_dual_objective(losses, radius, c),
+            lo,
+            max(losses) + 1.0,
+        )
     }
 
     /// The KL dual minimized by brute force over `log τ`.
     fn kl_by_dual_search(losses: &[f64], radius: f64) -> f64 {
         let spread = (max(losses) - min(losses)).max(1.0);
         let objective = |log_tau: f64| kl_dual_objective(losses, radius, log_tau.exp());
-        grid_then_golden(objective, (1e-9 * spread).ln(), (1e9 * spread).ln())
+        grid_then_golden(objective, (1e-15 * spread).ln(), (1e9 * spread).ln())
     }
 
     /// Euclidean projection onto the probability simplex (sort and threshold).
@@ -642,7 +700,12 @@ mod tests {
         let budget = 2.0 * radius / n;
         let q_at = |log_lambda: f64| {
             let lambda = log_lambda.exp();
-            project_to_simplex(&losses.iter().map(|l| (l - top) / lambda).collect::<Vec<_>>())
+            project_to_simplex(
+                &losses
+                    .iter()
+                    .map(|l| (l - top) / lambda)
+                    .collect::<Vec<_>>(),
+            )
         };
         let deviation = |q: &[f64]| q.iter().map(|x| (x - 1.0 / n).powi(2)).sum::<f64>();
 
@@ -702,8 +765,14 @@ mod tests {
         for _ in 0..40 {
             let losses = random_losses(&mut rng);
             let n = losses.len() as f64;
-            cases.push(Case { radius: (n - 1.0) / 2.0, losses: losses.clone() });
-            cases.push(Case { radius: n.ln(), losses });
+            cases.push(Case {
+                radius: (n - 1.0) / 2.0,
+                losses: losses.clone(),
+            });
+            cases.push(Case {
+                radius: n.ln(),
+                losses,
+            });
         }
         cases
     }
@@ -715,7 +784,13 @@ mod tests {
         for Case { losses, radius } in cases() {
             let solution = solve_chi2(&losses, radius).unwrap();
             let reference = chi2_by_dual_search(&losses, radius);
-            assert_close(solution.value, reference, AGREE, &losses, "chi2 vs dual search");
+            assert_close(
+                solution.value,
+                reference,
+                AGREE,
+                &losses,
+                "chi2 vs dual search",
+            );
         }
     }
 
@@ -735,7 +810,10 @@ mod tests {
             assert_distribution(&solution.weights, losses.len());
 
             let divergence = chi2_divergence(&solution.weights);
-            assert!(divergence <= radius * (1.0 + 1e-9) + 1e-12, "{divergence} > {radius}");
+            assert!(
+                divergence <= radius * (1.0 + 1e-9) + 1e-12,
+                "{divergence} > {radius}"
+            );
 
             let primal = primal_value(&solution.weights, &losses);
             assert_close(primal, solution.value, 1e-12, &losses, "reported value");
@@ -760,10 +838,17 @@ mod tests {
                     .filter(|d| **d < 0.0)
                     .map(|d| -1.0 / (n * d))
                     .fold(f64::INFINITY, f64::min);
-                let step = if norm > 0.0 { to_sphere.min(to_faces) } else { 0.0 };
+                let step = if norm > 0.0 {
+                    to_sphere.min(to_faces)
+                } else {
+                    0.0
+                };
                 let q: Vec<f64> = direction.iter().map(|d| 1.0 / n + step * d).collect();
                 let candidate = primal_value(&q, &losses);
-                assert!(candidate <= value + 1e-9 * (1.0 + value.abs()), "{candidate} > {value}");
+                assert!(
+                    candidate <= value + 1e-9 * (1.0 + value.abs()),
+                    "{candidate} > {value}"
+                );
             }
         }
     }
@@ -783,8 +868,20 @@ mod tests {
     fn chi2_small_radius_matches_the_variance_expansion() {
         let losses = [1.0, 2.0, 3.0, 4.0];
         let solution = solve_chi2(&losses, 0.01).unwrap();
-        assert_close(solution.value, 2.5 + (1.25f64 * 0.02).sqrt(), 1e-14, &losses, "value");
-        assert_close(solution.dual, 2.5 - (1.25f64 / 0.02).sqrt(), 1e-14, &losses, "c*");
+        assert_close(
+            solution.value,
+            2.5 + (1.25f64 * 0.02).sqrt(),
+            1e-14,
+            &losses,
+            "value",
+        );
+        assert_close(
+            solution.dual,
+            2.5 - (1.25f64 / 0.02).sqrt(),
+            1e-14,
+            &losses,
+            "c*",
+        );
     }
 
     #[test]
@@ -841,7 +938,13 @@ mod tests {
         for Case { losses, radius } in cases() {
             let solution = solve_kl(&losses, radius).unwrap();
             let reference = kl_by_dual_search(&losses, radius);
-            assert_close(solution.value, reference, AGREE, &losses, "kl vs dual search");
+            assert_close(
+                solution.value,
+                reference,
+                AGREE,
+                &losses,
+                "kl vs dual search",
+            );
         }
     }
 
@@ -852,7 +955,10 @@ mod tests {
             assert_distribution(&solution.weights, losses.len());
 
             let divergence = kl_divergence(&solution.weights);
-            assert!(divergence <= radius * (1.0 + 1e-9) + 1e-12, "{divergence} > {radius}");
+            assert!(
+                divergence <= radius * (1.0 + 1e-9) + 1e-12,
+                "{divergence} > {radius}"
+            );
 
             let primal = primal_value(&solution.weights, &losses);
             assert_close(primal, solution.value, 1e-12, &losses, "reported value");
@@ -889,7 +995,10 @@ mod tests {
                     }
                 }
                 let candidate = primal_value(&mix(lo), &losses);
-                assert!(candidate <= value + 1e-9 * (1.0 + value.abs()), "{candidate} > {value}");
+                assert!(
+                    candidate <= value + 1e-9 * (1.0 + value.abs()),
+                    "{candidate} > {value}"
+                );
             }
         }
     }
@@ -904,7 +1013,11 @@ mod tests {
         let mut previous = f64::INFINITY;
         for radius in [1e-2, 1e-4, 1e-6, 1e-8, 1e-10] {
             let solution = solve_kl(&losses, radius).unwrap();
-            let distance = solution.weights.iter().map(|q| (q - 0.25).abs()).fold(0.0, f64::max);
+            let distance = solution
+                .weights
+                .iter()
+                .map(|q| (q - 0.25).abs())
+                .fold(0.0, f64::max);
             assert!(distance < previous, "{distance} at {radius}");
             previous = distance;
         }
@@ -960,7 +1073,10 @@ mod tests {
             let radius = 10f64.powf(-6.0 + step as f64 / 8.0);
             let next_chi2 = solve_chi2(&losses, radius).unwrap().value;
             let next_kl = solve_kl(&losses, radius).unwrap().value;
-            assert!(next_chi2 >= chi2 - 1e-12 && next_kl >= kl - 1e-12, "at {radius}");
+            assert!(
+                next_chi2 >= chi2 - 1e-12 && next_kl >= kl - 1e-12,
+                "at {radius}"
+            );
             (chi2, kl) = (next_chi2, next_kl);
         }
         assert_eq!((chi2, kl), (3.0, 3.0));
@@ -1009,7 +1125,13 @@ mod tests {
         for (q, e) in solution.weights.iter().zip(expected) {
             assert!((q - e).abs() <= 1e-15, "{q} vs {e}");
         }
-        assert_close(solution.value, primal_value(&expected, &losses), 1e-15, &losses, "value");
+        assert_close(
+            solution.value,
+            primal_value(&expected, &losses),
+            1e-15,
+            &losses,
+            "value",
+        );
         assert_eq!(solution.dual, 0.5);
     }
 
@@ -1031,7 +1153,11 @@ mod tests {
             let radius = kl_divergence_from_uniform(&tilted.weights);
             let solved = solve_kl(&losses, radius).unwrap();
             assert_close(solved.value, tilted.value, 1e-9, &losses, "value");
-            assert!((solved.dual / temperature - 1.0).abs() <= 1e-6, "{}", solved.dual);
+            assert!(
+                (solved.dual / temperature - 1.0).abs() <= 1e-6,
+                "{}",
+                solved.dual
+            );
         }
     }
 
@@ -1040,18 +1166,24 @@ mod tests {
     #[test]
     fn weight_stats_of_known_vectors() {
         let uniform = weight_stats(&[0.25; 4]);
-        assert_eq!(uniform, WeightStats {
-            effective_sample_fraction: 1.0,
-            max_weight: 0.25,
-            zero_weight_share: 0.0
-        });
+        assert_eq!(
+            uniform,
+            WeightStats {
+                effective_sample_fraction: 1.0,
+                max_weight: 0.25,
+                zero_weight_share: 0.0
+            }
+        );
 
         let point = weight_stats(&[0.0, 1.0, 0.0, 0.0]);
-        assert_eq!(point, WeightStats {
-            effective_sample_fraction: 0.25,
-            max_weight: 1.0,
-            zero_weight_share: 0.75
-        });
+        assert_eq!(
+            point,
+            WeightStats {
+                effective_sample_fraction: 0.25,
+                max_weight: 1.0,
+                zero_weight_share: 0.75
+            }
+        );
 
         // (0.5 + 0.5)² / (0.25 + 0.25) / 4 = 0.5.
         let half = weight_stats(&[0.5, 0.0, 0.5, 0.0]);
