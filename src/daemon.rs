@@ -1,14 +1,22 @@
 //! `rebeld run`: wires the configured parts into one supervised tree of tasks.
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::buffer::{BufferLimits, SnapshotError};
 use crate::config::{Brokers, Config};
 use crate::device::{device_name, DeviceUnavailable};
 use crate::embedded_kafka::{EmbeddedKafka, EmbeddedKafkaError};
+use crate::event::EventLimits;
 use crate::health::Readiness;
 use crate::http::{bind, serve, BindError};
+use crate::ingest::convert::{ConvertSettings, Converter};
+use crate::ingest::store::{IngestState, SharedBuffer, SnapshotStore};
+use crate::ingest::{now_ms, Ingest, IngestError, IngestParts};
 use crate::metrics::{BuildFacts, Metrics, MetricsError};
+use crate::model::tokenizer::{PolicyTokenizer, TokenizerError};
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::version::{VersionReport, LIBTORCH_VERSION, REBELD_VERSION};
 
@@ -35,6 +43,20 @@ pub enum DaemonError {
     /// The embedded Kafka cluster did not start.
     #[error(transparent)]
     EmbeddedKafka(#[from] EmbeddedKafkaError),
+    /// The policy's tokenizer could not be loaded from `model.path`.
+    #[error("model.path = {path:?}: {source}")]
+    Tokenizer {
+        /// The model folder.
+        path: std::path::PathBuf,
+        /// Why loading failed.
+        source: TokenizerError,
+    },
+    /// The buffer snapshot exists but cannot be restored.
+    #[error("cannot restore the buffer snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The consumer could not start.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
     /// A task failed, or shutdown overran its deadline.
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
@@ -70,6 +92,13 @@ pub async fn run(
         Ok(serve(api_listener, api_router, token).await?)
     });
     let brokers = start_brokers(&config, &mut supervisor)?;
+    let shared = restore_buffer(&config)?;
+    let ingest = start_ingest(&config, &brokers, shared, metrics.clone())?;
+    readiness.set_consuming(true);
+    supervisor.spawn(
+        "ingest",
+        |token| async move { Ok(ingest.run(token).await?) },
+    );
 
     info!(
         device = %device_name(device),
@@ -79,9 +108,92 @@ pub async fn run(
         objective = ?config.train.objective,
         "rebeld started"
     );
-    supervisor.run(stop, config.runtime.shutdown_timeout).await?;
+    supervisor
+        .run(stop, config.runtime.shutdown_timeout)
+        .await?;
     info!("rebeld stopped");
     Ok(())
+}
+
+/// The last snapshot, or an empty buffer.
+fn restore_buffer(config: &Config) -> Result<Arc<SharedBuffer>, DaemonError> {
+    let limits = buffer_limits(config);
+    let store = SnapshotStore::in_data_dir(&config.runtime.data_dir);
+    let restored = store.restore(limits, config.buffer.dedup_window, now_ms())?;
+
+    let state = match restored {
+        Some(mut state) => {
+            if config.kafka.brokers == Brokers::Embedded {
+                // The embedded cluster starts empty each time: offsets of the last one
+                // would make the new one's messages look already seen.
+                state.offsets = Default::default();
+            }
+            info!(
+                rows = state.buffer.len(),
+                partitions = state.offsets.as_map().len(),
+                file = %store.path().display(),
+                "buffer restored from snapshot"
+            );
+            state
+        }
+        None => IngestState::new(limits, config.buffer.dedup_window),
+    };
+    Ok(Arc::new(SharedBuffer::new(state)))
+}
+
+/// `[buffer]` bounds in the buffer's units.
+pub fn buffer_limits(config: &Config) -> BufferLimits {
+    BufferLimits {
+        max_rows: config.buffer.max_rows,
+        max_bytes: usize::try_from(config.buffer.max_bytes.bytes()).unwrap_or(usize::MAX),
+        max_age_ms: u64::try_from(config.buffer.max_age.as_millis()).ok(),
+    }
+}
+
+/// Loads the tokenizer and creates the consumer.
+fn start_ingest(
+    config: &Config,
+    bootstrap: &str,
+    shared: Arc<SharedBuffer>,
+    metrics: Arc<Metrics>,
+) -> Result<Ingest, DaemonError> {
+    let tokenizer =
+        PolicyTokenizer::from_dir(&config.model.path).map_err(|source| DaemonError::Tokenizer {
+            path: config.model.path.clone(),
+            source,
+        })?;
+    let converter = Converter::new(Arc::new(tokenizer), convert_settings(config));
+
+    Ok(Ingest::start(IngestParts {
+        kafka: config.kafka.clone(),
+        bootstrap: bootstrap.to_owned(),
+        converter,
+        shared,
+        snapshots: SnapshotStore::in_data_dir(&config.runtime.data_dir),
+        snapshot_every: config.buffer.snapshot_every,
+        metrics,
+    })?)
+}
+
+/// Event limits and token limits from the configuration.
+pub fn convert_settings(config: &Config) -> ConvertSettings {
+    let known_objectives = config
+        .train
+        .strict_objectives
+        .then(|| config.train.mixture.keys().cloned().collect());
+    ConvertSettings {
+        limits: EventLimits {
+            max_bytes: usize::try_from(config.kafka.max_message_bytes.bytes())
+                .unwrap_or(usize::MAX),
+            strict_objectives: config.train.strict_objectives,
+            known_objectives,
+            ..EventLimits::default()
+        },
+        max_prompt_tokens: config.model.max_prompt_tokens,
+        max_response_tokens: config.model.max_response_tokens,
+        prompt_too_long: config.model.prompt_too_long,
+        keep_text: config.buffer.keep_text,
+    }
 }
 
 fn configure_torch(config: &Config) {
@@ -106,7 +218,9 @@ fn start_brokers(config: &Config, supervisor: &mut Supervisor) -> Result<String,
         let bootstrap = cluster.bootstrap_servers().to_owned();
         let file = cluster.write_bootstrap_file(&config.runtime.data_dir)?;
         info!(bootstrap = %bootstrap, file = %file.display(), "embedded Kafka cluster started");
-        supervisor.spawn("embedded-kafka", |token| hold_until_cancelled(cluster, token));
+        supervisor.spawn("embedded-kafka", |token| {
+            hold_until_cancelled(cluster, token)
+        });
         return Ok(bootstrap);
     };
     Ok(list.clone())
@@ -121,18 +235,29 @@ async fn hold_until_cancelled(
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn termination_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+/// SIGINT and SIGTERM handlers, installed before anything starts so an early signal is
+/// never met by the default action (immediate termination).
+pub struct TerminationSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
 
-    let (Ok(mut interrupt), Ok(mut terminate)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => info!(signal = "SIGINT", "signal received"),
-        _ = terminate.recv() => info!(signal = "SIGTERM", "signal received"),
+impl TerminationSignals {
+    /// Installs the handlers; call from inside the runtime, first thing.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => info!(signal = "SIGINT", "signal received"),
+            _ = self.terminate.recv() => info!(signal = "SIGTERM", "signal received"),
+        }
     }
 }

@@ -72,14 +72,22 @@ mod tests {
     #[test]
     fn auto_prefers_cuda_and_falls_back_to_cpu() {
         assert_eq!(NO_GPU.resolve(DeviceSetting::Auto).ok(), Some(Device::Cpu));
-        assert_eq!(TWO_GPUS.resolve(DeviceSetting::Auto).ok(), Some(Device::Cuda(0)));
+        assert_eq!(
+            TWO_GPUS.resolve(DeviceSetting::Auto).ok(),
+            Some(Device::Cuda(0))
+        );
     }
 
     #[test]
     fn explicit_cuda_index_must_exist() {
-        assert_eq!(TWO_GPUS.resolve(DeviceSetting::Cuda(1)).ok(), Some(Device::Cuda(1)));
+        assert_eq!(
+            TWO_GPUS.resolve(DeviceSetting::Cuda(1)).ok(),
+            Some(Device::Cuda(1))
+        );
 
-        let error = TWO_GPUS.resolve(DeviceSetting::Cuda(2)).expect_err("no third GPU");
+        let error = TWO_GPUS
+            .resolve(DeviceSetting::Cuda(2))
+            .expect_err("no third GPU");
         assert_eq!(
             error.to_string(),
             "runtime.device = \"cuda:2\" but libtorch sees 2 CUDA device(s)"

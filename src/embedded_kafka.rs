@@ -62,7 +62,9 @@ impl EmbeddedKafka {
                 source,
             })?;
 
-        let bootstrap = ready_rx.recv().map_err(|_| EmbeddedKafkaError::ThreadEnded)??;
+        let bootstrap = ready_rx
+            .recv()
+            .map_err(|_| EmbeddedKafkaError::ThreadEnded)??;
         Ok(Self {
             bootstrap,
             stop: Some(stop_tx),
@@ -99,7 +101,12 @@ impl Drop for EmbeddedKafka {
 
 type Ready = Result<String, rdkafka::error::KafkaError>;
 
-fn serve(topics: &[String], partitions: i32, ready: &mpsc::Sender<Ready>, stop: &mpsc::Receiver<()>) {
+fn serve(
+    topics: &[String],
+    partitions: i32,
+    ready: &mpsc::Sender<Ready>,
+    stop: &mpsc::Receiver<()>,
+) {
     let started = MockCluster::new(1).and_then(|cluster| {
         for topic in topics {
             cluster.create_topic(topic, partitions, 1)?;

@@ -254,11 +254,15 @@ pub enum RejectReason {
     /// Never returned by [`parse_event`]: the tokenizing stage raises it. It lives here so
     /// that one list holds every reason an event is dropped.
     PromptTooLong,
+    /// The policy's tokenizer could not encode the text (for example a chat template that
+    /// refuses the conversation's roles). Raised by the tokenizing stage, like
+    /// [`RejectReason::PromptTooLong`].
+    Untokenizable,
 }
 
 impl RejectReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 19] = [
         RejectReason::EmptyMessage,
         RejectReason::TooLarge,
         RejectReason::InvalidUtf8,
@@ -277,6 +281,7 @@ impl RejectReason {
         RejectReason::BadPolicyVersion,
         RejectReason::BadConfidence,
         RejectReason::PromptTooLong,
+        RejectReason::Untokenizable,
     ];
 
     /// The stable snake_case label, fit for a metric label.
@@ -300,6 +305,7 @@ impl RejectReason {
             RejectReason::BadPolicyVersion => "bad_policy_version",
             RejectReason::BadConfidence => "bad_confidence",
             RejectReason::PromptTooLong => "prompt_too_long",
+            RejectReason::Untokenizable => "untokenizable",
         }
     }
 }
@@ -1731,7 +1737,7 @@ mod tests {
 
         let raised = RejectReason::ALL
             .into_iter()
-            .filter(|r| *r != RejectReason::PromptTooLong);
+            .filter(|r| !matches!(r, RejectReason::PromptTooLong | RejectReason::Untokenizable));
         for reason in raised {
             let count = cases.iter().filter(|(_, _, r)| *r == reason).count();
             assert!(count > 0, "no corpus case for {reason}");
@@ -1777,6 +1783,7 @@ mod tests {
                 BadPolicyVersion => 15,
                 BadConfidence => 16,
                 PromptTooLong => 17,
+                Untokenizable => 18,
             }
         };
         for (i, reason) in RejectReason::ALL.into_iter().enumerate() {

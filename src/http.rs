@@ -20,11 +20,13 @@ pub struct BindError {
 
 /// Binds now, so a taken port fails start-up rather than a task later.
 pub async fn bind(address: SocketAddr, purpose: &'static str) -> Result<TcpListener, BindError> {
-    TcpListener::bind(address).await.map_err(|source| BindError {
-        address,
-        purpose,
-        source,
-    })
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| BindError {
+            address,
+            purpose,
+            source,
+        })
 }
 
 /// Serves until `token` fires, then lets requests in flight finish.

@@ -6,6 +6,7 @@
 //! `main.rs` only parses arguments and maps errors to exit codes; everything lives here.
 
 pub mod api;
+pub mod buffer;
 pub mod config;
 pub mod daemon;
 pub mod device;
@@ -13,7 +14,10 @@ pub mod embedded_kafka;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
+pub mod model;
+pub mod replay;
 pub mod supervisor;
 pub mod telemetry;
 pub mod train;

@@ -7,11 +7,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rebeld::config::Config;
+use rebeld::daemon::TerminationSignals;
+use rebeld::replay::{self, ReplayFormat, ReplayOptions};
 use rebeld::telemetry::{self, LogFormat};
 use rebeld::version::VersionReport;
 
 #[derive(Parser)]
-#[command(name = "rebeld", version, about = "Continual LLM alignment from live user feedback")]
+#[command(
+    name = "rebeld",
+    version,
+    about = "Continual LLM alignment from live user feedback"
+)]
 struct Cli {
     /// How log lines are written to standard error (filter with REBELD_LOG).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
@@ -34,6 +40,39 @@ enum Command {
     Config(ConfigCommand),
     /// Print the versions of rebeld, libtorch and librdkafka and the CUDA devices seen.
     Version,
+    /// Produce preference events from a JSONL or JSONL.gz file.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The input file (`.gz` is decompressed).
+    file: PathBuf,
+    /// How each line is read.
+    #[arg(long, value_enum, default_value_t = ReplayFormat::Rebeld)]
+    format: ReplayFormat,
+    /// Bootstrap list; defaults to the embedded cluster of a daemon running with --data-dir.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The data folder of a daemon running on embedded brokers.
+    #[arg(long, default_value = "var")]
+    data_dir: PathBuf,
+    /// Destination topic.
+    #[arg(long, default_value = "rebeld.preferences")]
+    topic: String,
+    /// Events per second (default: as fast as the broker takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Start over at the end of the file; resent events keep their ids, so the daemon
+    /// counts them as duplicates.
+    #[arg(long = "loop")]
+    repeat: bool,
+    /// No progress lines.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -53,11 +92,17 @@ struct Failure {
 
 impl Failure {
     fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: 2, error: error.into() }
+        Self {
+            code: 2,
+            error: error.into(),
+        }
     }
 
     fn runtime(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: 1, error: error.into() }
+        Self {
+            code: 1,
+            error: error.into(),
+        }
     }
 }
 
@@ -78,6 +123,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { config } => run(config),
         Command::Config(ConfigCommand::Check { file }) => check_config(file),
+        Command::Replay(args) => replay(args),
         Command::Version => {
             println!("{}", VersionReport::collect());
             Ok(())
@@ -89,19 +135,64 @@ fn run(path: Option<PathBuf>) -> Result<(), Failure> {
     let config = Config::load(path.as_deref()).map_err(Failure::usage)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
 
-    runtime
-        .block_on(rebeld::daemon::run(config, stop_signal()))
-        .map_err(Failure::runtime)
+    runtime.block_on(async {
+        let signals = TerminationSignals::install().map_err(Failure::runtime)?;
+        rebeld::daemon::run(config, stop_signal(signals))
+            .await
+            .map_err(Failure::runtime)
+    })
 }
 
 /// The first SIGINT/SIGTERM starts a clean stop; a second one exits at once.
-async fn stop_signal() {
-    rebeld::daemon::termination_signal().await;
-    tokio::spawn(async {
-        rebeld::daemon::termination_signal().await;
+async fn stop_signal(mut signals: TerminationSignals) {
+    signals.recv().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         eprintln!("rebeld: second signal, exiting without waiting for a clean stop");
         std::process::exit(130);
     });
+}
+
+fn replay(args: ReplayArgs) -> Result<(), Failure> {
+    let brokers = match args.brokers {
+        Some(brokers) => brokers,
+        None => embedded_brokers(&args.data_dir).map_err(Failure::usage)?,
+    };
+    let options = ReplayOptions {
+        file: args.file,
+        format: args.format,
+        brokers,
+        topic: args.topic,
+        rate: args.rate,
+        limit: args.limit,
+        repeat: args.repeat,
+        progress: !args.quiet,
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let summary = runtime
+        .block_on(replay::replay(&options))
+        .map_err(Failure::runtime)?;
+
+    println!(
+        "sent {} events, skipped {} lines",
+        summary.sent,
+        summary.skipped_total()
+    );
+    for (reason, count) in &summary.skipped {
+        println!("  skipped {count}: {reason}");
+    }
+    Ok(())
+}
+
+fn embedded_brokers(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join(rebeld::embedded_kafka::BOOTSTRAP_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "no --brokers given and cannot read {} ({e}); is `rebeld run` up?",
+            path.display()
+        )
+    })?;
+    Ok(text.trim().to_owned())
 }
 
 fn check_config(file: PathBuf) -> Result<(), Failure> {

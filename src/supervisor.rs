@@ -186,10 +186,7 @@ impl Supervisor {
 }
 
 /// The error a finished task reports, if any.
-fn failure(
-    name: &'static str,
-    outcome: Result<TaskResult, JoinError>,
-) -> Option<SupervisorError> {
+fn failure(name: &'static str, outcome: Result<TaskResult, JoinError>) -> Option<SupervisorError> {
     match outcome {
         Ok(Ok(())) => None,
         Ok(Err(source)) => Some(SupervisorError::TaskFailed { task: name, source }),
@@ -245,7 +242,10 @@ mod tests {
         let result = supervisor.run(async {}, Duration::from_secs(5)).await;
 
         assert!(result.is_ok(), "{result:?}");
-        assert_eq!(*stopped.lock().expect("lock"), ["ingest", "trainer", "server"]);
+        assert_eq!(
+            *stopped.lock().expect("lock"),
+            ["ingest", "trainer", "server"]
+        );
     }
 
     #[tokio::test]
@@ -307,6 +307,9 @@ mod tests {
             .await
             .expect_err("early end");
 
-        assert!(matches!(error, SupervisorError::TaskEndedEarly { task: "ingest" }));
+        assert!(matches!(
+            error,
+            SupervisorError::TaskEndedEarly { task: "ingest" }
+        ));
     }
 }

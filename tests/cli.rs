@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_rebeld");
+const TINY_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
 
 /// The binary with a clean environment: no LD_LIBRARY_PATH, no overrides from the caller.
 fn rebeld() -> Command {
@@ -43,7 +44,11 @@ fn version_reports_libtorch_2_11_without_library_path() {
 
 #[test]
 fn binary_resolves_libtorch_cuda_through_its_runpath() {
-    let ldd = output(Command::new("ldd").arg(BINARY).env_remove("LD_LIBRARY_PATH"));
+    let ldd = output(
+        Command::new("ldd")
+            .arg(BINARY)
+            .env_remove("LD_LIBRARY_PATH"),
+    );
     let listing = String::from_utf8_lossy(&ldd.stdout);
 
     let cuda_line = listing
@@ -78,8 +83,16 @@ fn config_check_masks_secrets() {
 fn config_check_refuses_bad_values_with_one_line() {
     let cases = [
         ("[train]\nlerning_rate = 0.5\n", "lerning_rate", "0.5"),
-        ("[train]\nlearning_rate = -0.01\n", "train.learning_rate", "-0.01"),
-        ("[server]\nlisten = \"not an address\"\n", "server.listen", "not an address"),
+        (
+            "[train]\nlearning_rate = -0.01\n",
+            "train.learning_rate",
+            "-0.01",
+        ),
+        (
+            "[server]\nlisten = \"not an address\"\n",
+            "server.listen",
+            "not an address",
+        ),
         ("[train]\nradius = -0.5\n", "train.radius", "-0.5"),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
@@ -91,7 +104,10 @@ fn config_check_refuses_bad_values_with_one_line() {
 
         assert_eq!(out.status.code(), Some(2), "{body}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{body}: {stderr}");
-        assert!(stderr.contains(key) && stderr.contains(value), "{body}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(value),
+            "{body}: {stderr}"
+        );
     }
 }
 
@@ -152,6 +168,7 @@ fn sigterm_stops_a_running_daemon_cleanly_within_the_deadline() {
     let data_dir = dir.path().join("var");
     let body = format!(
         "[runtime]\ndevice = \"cpu\"\ndata_dir = {data_dir:?}\nshutdown_timeout = \"10s\"\n\
+         [model]\npath = {TINY_MODEL:?}\n\
          [server]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
     );
     let config = write_config(dir.path(), &body);
@@ -167,8 +184,16 @@ fn sigterm_stops_a_running_daemon_cleanly_within_the_deadline() {
         let _ = child.kill();
         panic!("still running 10 s after SIGTERM; log:\n{}", log.join("\n"));
     };
-    assert!(status.success(), "exit {status:?}; log:\n{}", log.join("\n"));
-    assert!(log.iter().any(|l| l.contains("rebeld stopped")), "{}", log.join("\n"));
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        log.iter().any(|l| l.contains("rebeld stopped")),
+        "{}",
+        log.join("\n")
+    );
     let bootstrap = std::fs::read_to_string(data_dir.join("embedded-brokers")).expect("file");
     assert!(bootstrap.trim().contains(':'), "{bootstrap}");
 }

@@ -7,11 +7,14 @@ use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, Int8Array,
-    ListArray, MapArray, RecordBatch, StringArray, StructArray, TimestampMillisecondArray,
-    UInt32Array, UInt64Array,
+    ListArray, MapArray, PrimitiveArray, RecordBatch, StringArray, StructArray,
+    TimestampMillisecondArray, UInt32Array, UInt64Array,
 };
 use arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
-use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Field, FieldRef, Fields, Float32Type, Int32Type, Int64Type,
+    Int8Type, Schema, SchemaRef, TimeUnit, UInt64Type,
+};
 use arrow::error::ArrowError;
 
 use super::error::BufferError;
@@ -48,7 +51,8 @@ pub const SCHEMA_VERSION_KEY: &str = "rebeld.pair_schema_version";
 /// Version of the pair schema written under [`SCHEMA_VERSION_KEY`].
 pub const SCHEMA_VERSION: &str = "1";
 
-/// Bytes every row is charged whatever its contents; see [`PairColumns::row_bytes`].
+/// Bytes every row is charged whatever its contents; see
+/// [`RollingBuffer::bytes`](super::RollingBuffer::bytes).
 ///
 /// 7 Utf8 and 3 token-list and 2 map columns at 4 offset bytes each (48); partition 4,
 /// offset 8, event and ingest time 8 each (28); truncated 1, preference 1, confidence 4 (6);
@@ -135,7 +139,11 @@ fn score_entry_fields() -> Fields {
 }
 
 fn score_entries_field() -> FieldRef {
-    Arc::new(Field::new("entries", DataType::Struct(score_entry_fields()), false))
+    Arc::new(Field::new(
+        "entries",
+        DataType::Struct(score_entry_fields()),
+        false,
+    ))
 }
 
 fn score_map_type() -> DataType {
@@ -148,40 +156,88 @@ fn arrow_error(op: &'static str) -> impl FnOnce(ArrowError) -> BufferError {
 
 /// Encodes records into one batch of the pair schema.
 pub(crate) fn encode(records: &[PairRecord]) -> Result<RecordBatch, BufferError> {
-    let rows = records.len();
+    let e = Encoder { records };
     let columns = vec![
-        utf8_column(name::ID, rows, records.iter().map(|r| Some(r.id.as_str())))?,
-        utf8_column(name::TOPIC, rows, records.iter().map(|r| Some(r.topic.as_str())))?,
-        Arc::new(Int32Array::from_iter_values(records.iter().map(|r| r.partition))),
-        Arc::new(Int64Array::from_iter_values(records.iter().map(|r| r.offset))),
-        timestamps(records.iter().map(|r| r.event_time_ms)),
-        timestamps(records.iter().map(|r| Some(r.ingest_time_ms))),
-        token_column(name::PROMPT_IDS, rows, records.iter().map(|r| &r.prompt_ids[..]))?,
-        token_column(name::RESPONSE_A_IDS, rows, records.iter().map(|r| &r.response_a_ids[..]))?,
-        token_column(name::RESPONSE_B_IDS, rows, records.iter().map(|r| &r.response_b_ids[..]))?,
+        e.utf8(name::ID, |r| Some(&r.id))?,
+        e.utf8(name::TOPIC, |r| Some(&r.topic))?,
+        e.required::<Int32Type>(|r| r.partition),
+        e.required::<Int64Type>(|r| r.offset),
+        e.timestamps(|r| r.event_time_ms),
+        e.timestamps(|r| Some(r.ingest_time_ms)),
+        e.tokens(name::PROMPT_IDS, |r| &r.prompt_ids)?,
+        e.tokens(name::RESPONSE_A_IDS, |r| &r.response_a_ids)?,
+        e.tokens(name::RESPONSE_B_IDS, |r| &r.response_b_ids)?,
         Arc::new(BooleanArray::from_iter(records.iter().map(|r| r.truncated))),
-        Arc::new(records.iter().map(|r| r.preference.map(Preference::code)).collect::<Int8Array>()),
-        Arc::new(records.iter().map(|r| r.confidence).collect::<Float32Array>()),
-        score_column(name::SCORES_A, rows, records.iter().map(|r| &r.scores_a[..]))?,
-        score_column(name::SCORES_B, rows, records.iter().map(|r| &r.scores_b[..]))?,
-        Arc::new(records.iter().map(|r| r.policy_version_a).collect::<UInt64Array>()),
-        Arc::new(records.iter().map(|r| r.policy_version_b).collect::<UInt64Array>()),
-        utf8_column(name::SEGMENT, rows, records.iter().map(|r| r.segment.as_deref()))?,
-        utf8_column(name::SOURCE, rows, records.iter().map(|r| r.source.as_deref()))?,
-        utf8_column(name::PROMPT_TEXT, rows, records.iter().map(|r| r.prompt_text.as_deref()))?,
-        utf8_column(
-            name::RESPONSE_A_TEXT,
-            rows,
-            records.iter().map(|r| r.response_a_text.as_deref()),
-        )?,
-        utf8_column(
-            name::RESPONSE_B_TEXT,
-            rows,
-            records.iter().map(|r| r.response_b_text.as_deref()),
-        )?,
+        e.optional::<Int8Type>(|r| r.preference.map(Preference::code)),
+        e.optional::<Float32Type>(|r| r.confidence),
+        e.scores(name::SCORES_A, |r| &r.scores_a)?,
+        e.scores(name::SCORES_B, |r| &r.scores_b)?,
+        e.optional::<UInt64Type>(|r| r.policy_version_a),
+        e.optional::<UInt64Type>(|r| r.policy_version_b),
+        e.utf8(name::SEGMENT, |r| r.segment.as_ref())?,
+        e.utf8(name::SOURCE, |r| r.source.as_ref())?,
+        e.utf8(name::PROMPT_TEXT, |r| r.prompt_text.as_ref())?,
+        e.utf8(name::RESPONSE_A_TEXT, |r| r.response_a_text.as_ref())?,
+        e.utf8(name::RESPONSE_B_TEXT, |r| r.response_b_text.as_ref())?,
     ];
 
     RecordBatch::try_new(pair_schema(), columns).map_err(arrow_error("assembling a pair batch"))
+}
+
+/// Builds one column from one field of every record.
+struct Encoder<'a> {
+    records: &'a [PairRecord],
+}
+
+impl<'a> Encoder<'a> {
+    fn required<T: ArrowPrimitiveType>(&self, field: fn(&PairRecord) -> T::Native) -> ArrayRef {
+        let values = self.records.iter().map(field);
+        Arc::new(PrimitiveArray::<T>::from_iter_values(values))
+    }
+
+    fn optional<T: ArrowPrimitiveType>(
+        &self,
+        field: fn(&PairRecord) -> Option<T::Native>,
+    ) -> ArrayRef {
+        Arc::new(
+            self.records
+                .iter()
+                .map(field)
+                .collect::<PrimitiveArray<T>>(),
+        )
+    }
+
+    fn timestamps(&self, field: fn(&PairRecord) -> Option<i64>) -> ArrayRef {
+        let array: TimestampMillisecondArray = self.records.iter().map(field).collect();
+        Arc::new(array.with_timezone("UTC"))
+    }
+
+    fn utf8(
+        &self,
+        column: &'static str,
+        field: fn(&'a PairRecord) -> Option<&'a String>,
+    ) -> Result<ArrayRef, BufferError> {
+        let values = self.records.iter().map(|r| field(r).map(String::as_str));
+        utf8_column(column, self.records.len(), values)
+    }
+
+    fn tokens(
+        &self,
+        column: &'static str,
+        field: fn(&'a PairRecord) -> &'a Vec<u32>,
+    ) -> Result<ArrayRef, BufferError> {
+        let lists = self.records.iter().map(|r| &field(r)[..]);
+        token_column(column, self.records.len(), lists)
+    }
+
+    fn scores(
+        &self,
+        column: &'static str,
+        field: fn(&'a PairRecord) -> &'a Vec<(String, f64)>,
+    ) -> Result<ArrayRef, BufferError> {
+        let maps = self.records.iter().map(|r| &field(r)[..]);
+        score_column(column, self.records.len(), maps)
+    }
 }
 
 /// 32-bit offsets for items of the given lengths, or `BatchTooLarge` when they overflow.
@@ -218,16 +274,13 @@ fn utf8_column<'a>(
         valid.push(value.is_some());
     }
 
+    // Arrow keeps the allocation whole for the rows' life: drop the growth slack.
+    bytes.shrink_to_fit();
     let offsets = offsets(column, rows, lengths)?;
     let nulls = Some(NullBuffer::from(valid)).filter(|nulls| nulls.null_count() > 0);
     let array = StringArray::try_new(offsets, Buffer::from_vec(bytes), nulls)
         .map_err(arrow_error("building a Utf8 column"))?;
     Ok(Arc::new(array))
-}
-
-fn timestamps(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
-    let array: TimestampMillisecondArray = values.collect();
-    Arc::new(array.with_timezone("UTC"))
 }
 
 fn token_column<'a>(
@@ -242,6 +295,8 @@ fn token_column<'a>(
         lengths.push(list.len());
     }
 
+    // Arrow keeps the allocation whole for the rows' life: drop the growth slack.
+    tokens.shrink_to_fit();
     let offsets = offsets(column, rows, lengths)?;
     let values = Arc::new(UInt32Array::from(tokens));
     let array = ListArray::try_new(token_item_field(), offsets, values, None)
@@ -294,7 +349,10 @@ impl TokenColumn {
 
     fn slice(&self, offset: usize, len: usize) -> Self {
         let list = self.list.slice(offset, len);
-        TokenColumn { list, items: self.items.clone() }
+        TokenColumn {
+            list,
+            items: self.items.clone(),
+        }
     }
 }
 
@@ -320,29 +378,42 @@ impl ScoreColumn {
 
     fn scores(&self, row: usize) -> Vec<(String, f64)> {
         let entries = self.entries(row);
-        entries.map(|e| (self.keys.value(e).to_owned(), self.values.value(e))).collect()
+        entries
+            .map(|e| (self.keys.value(e).to_owned(), self.values.value(e)))
+            .collect()
     }
 
     fn bytes(&self, row: usize) -> usize {
         let entries = self.entries(row);
-        let key_bytes: usize = entries.clone().map(|e| self.keys.value_length(e) as usize).sum();
+        let key_bytes: usize = entries
+            .clone()
+            .map(|e| self.keys.value_length(e) as usize)
+            .sum();
         SCORE_ENTRY_BYTES * entries.len() + key_bytes
     }
 
     fn slice(&self, offset: usize, len: usize) -> Self {
         let map = self.map.slice(offset, len);
-        ScoreColumn { map, keys: self.keys.clone(), values: self.values.clone() }
+        ScoreColumn {
+            map,
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+        }
     }
 }
 
 fn downcast<T: Array + Clone + 'static>(array: &ArrayRef, column: &str) -> Result<T, BufferError> {
     let typed = array.as_any().downcast_ref::<T>().cloned();
-    typed.ok_or_else(|| BufferError::Schema { column: column.to_owned() })
+    typed.ok_or_else(|| BufferError::Schema {
+        column: column.to_owned(),
+    })
 }
 
 fn column<T: Array + Clone + 'static>(batch: &RecordBatch, name: &str) -> Result<T, BufferError> {
     let array = batch.column_by_name(name);
-    let array = array.ok_or_else(|| BufferError::Schema { column: name.to_owned() })?;
+    let array = array.ok_or_else(|| BufferError::Schema {
+        column: name.to_owned(),
+    })?;
     downcast(array, name)
 }
 
@@ -538,22 +609,29 @@ fn check_fields(batch: &RecordBatch) -> Result<(), BufferError> {
     let expected = pair_schema();
     let schema = batch.schema();
     let found = schema.fields();
-    let mismatch = expected.fields().iter().zip(found.iter()).find(|(e, f)| e != f);
+    let mismatch = expected
+        .fields()
+        .iter()
+        .zip(found.iter())
+        .find(|(e, f)| e != f);
     if let Some((field, _)) = mismatch {
-        return Err(BufferError::Schema { column: field.name().clone() });
+        return Err(BufferError::Schema {
+            column: field.name().clone(),
+        });
     }
 
     if found.len() != expected.fields().len() {
-        let column = format!("<{} columns, expected {}>", found.len(), expected.fields().len());
+        let column = format!(
+            "<{} columns, expected {}>",
+            found.len(),
+            expected.fields().len()
+        );
         return Err(BufferError::Schema { column });
     }
     Ok(())
 }
 
-fn optional<T: arrow::datatypes::ArrowPrimitiveType>(
-    array: &arrow::array::PrimitiveArray<T>,
-    row: usize,
-) -> Option<T::Native> {
+fn optional<T: ArrowPrimitiveType>(array: &PrimitiveArray<T>, row: usize) -> Option<T::Native> {
     array.is_valid(row).then(|| array.value(row))
 }
 

@@ -17,7 +17,11 @@ pub struct DedupWindow {
 impl DedupWindow {
     /// An empty window that remembers up to `capacity` ids; 0 remembers nothing.
     pub fn new(capacity: usize) -> Self {
-        DedupWindow { capacity, order: VecDeque::new(), members: HashSet::new() }
+        DedupWindow {
+            capacity,
+            order: VecDeque::new(),
+            members: HashSet::new(),
+        }
     }
 
     /// The most ids the window remembers.

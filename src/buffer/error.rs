@@ -49,6 +49,13 @@ pub enum BufferError {
         value: String,
     },
 
+    /// Two rows with the same id, which a snapshot can hold only if it was not ours.
+    #[error("id {id:?} is held twice")]
+    DuplicateId {
+        /// The repeated id.
+        id: String,
+    },
+
     /// Arrow refused an operation on a batch.
     #[error("arrow failed while {op}")]
     Arrow {

@@ -99,7 +99,12 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for size in [ByteSize(1), ByteSize(1 << 20), ByteSize(3_000), ByteSize(1_500)] {
+        for size in [
+            ByteSize(1),
+            ByteSize(1 << 20),
+            ByteSize(3_000),
+            ByteSize(1_500),
+        ] {
             assert_eq!(size.to_string().parse(), Ok(size));
         }
     }

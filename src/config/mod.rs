@@ -22,9 +22,8 @@ use serde::Serialize;
 pub use bytes::ByteSize;
 pub use secret::{Secret, MASK};
 pub use sections::{
-    BufferConfig, CheckpointConfig, ModelConfig, Objective, OffsetReset, PromptTooLong,
-    RawConfig, RawKafka, RawMetrics, RawRuntime, RawServer, Sampling, Schedule, TrainConfig,
-    WeightDtype,
+    BufferConfig, CheckpointConfig, ModelConfig, Objective, OffsetReset, PromptTooLong, RawConfig,
+    RawKafka, RawMetrics, RawRuntime, RawServer, Sampling, Schedule, TrainConfig, WeightDtype,
 };
 
 /// The configuration the daemon starts with when given no file.
@@ -256,12 +255,12 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax {
-                origin: origin.to_owned(),
-                message: one_line(e.message()),
-            }
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.to_owned(),
+                    message: one_line(e.message()),
+                })?;
         apply_env_overrides(&mut table, env);
 
         let raw = deserialize_raw(origin, table)?;
@@ -392,7 +391,11 @@ fn resolve_runtime(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
         )
     })?;
     if raw.shutdown_timeout.is_zero() {
-        return Err(ConfigError::invalid("runtime.shutdown_timeout", "0s", "must be positive"));
+        return Err(ConfigError::invalid(
+            "runtime.shutdown_timeout",
+            "0s",
+            "must be positive",
+        ));
     }
     Ok(RuntimeConfig {
         device,
@@ -413,16 +416,28 @@ const OWNED_KAFKA_PROPERTIES: [&str; 5] = [
 
 fn resolve_kafka(raw: RawKafka) -> Result<KafkaConfig, ConfigError> {
     let brokers = match raw.brokers.trim() {
-        "" => return Err(ConfigError::invalid("kafka.brokers", "\"\"", "must not be empty")),
+        "" => {
+            return Err(ConfigError::invalid(
+                "kafka.brokers",
+                "\"\"",
+                "must not be empty",
+            ))
+        }
         "embedded" => Brokers::Embedded,
         list => Brokers::Bootstrap(list.to_owned()),
     };
-    for (key, value) in [("kafka.topic", &raw.topic), ("kafka.group_id", &raw.group_id)] {
+    for (key, value) in [
+        ("kafka.topic", &raw.topic),
+        ("kafka.group_id", &raw.group_id),
+    ] {
         if value.trim().is_empty() {
             return Err(ConfigError::invalid(key, "\"\"", "must not be empty"));
         }
     }
-    if let Some(owned) = raw.properties.keys().find(|k| OWNED_KAFKA_PROPERTIES.contains(&k.as_str()))
+    if let Some(owned) = raw
+        .properties
+        .keys()
+        .find(|k| OWNED_KAFKA_PROPERTIES.contains(&k.as_str()))
     {
         return Err(ConfigError::invalid(
             &format!("kafka.properties.\"{owned}\""),
@@ -474,10 +489,22 @@ fn resolve_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
             "is not a loopback address: set server.read_tokens or server.allow_anonymous = true",
         ));
     }
-    if raw.read_tokens.iter().chain(&raw.admin_tokens).any(Secret::is_empty) {
-        return Err(ConfigError::invalid("server.read_tokens", MASK, "a token is empty"));
+    if raw
+        .read_tokens
+        .iter()
+        .chain(&raw.admin_tokens)
+        .any(Secret::is_empty)
+    {
+        return Err(ConfigError::invalid(
+            "server.read_tokens",
+            MASK,
+            "a token is empty",
+        ));
     }
-    positive_count("server.max_concurrent_downloads", raw.max_concurrent_downloads)?;
+    positive_count(
+        "server.max_concurrent_downloads",
+        raw.max_concurrent_downloads,
+    )?;
 
     Ok(ServerConfig {
         listen,
@@ -500,7 +527,11 @@ fn validate_buffer(buffer: &BufferConfig) -> Result<(), ConfigError> {
     positive_count("buffer.max_rows", buffer.max_rows)?;
     positive_count("buffer.dedup_window", buffer.dedup_window)?;
     if buffer.max_bytes.bytes() == 0 {
-        return Err(ConfigError::invalid("buffer.max_bytes", buffer.max_bytes, "must be positive"));
+        return Err(ConfigError::invalid(
+            "buffer.max_bytes",
+            buffer.max_bytes,
+            "must be positive",
+        ));
     }
     for (key, duration) in [
         ("buffer.max_age", buffer.max_age),
@@ -575,7 +606,10 @@ fn validate_batching(train: &TrainConfig) -> Result<(), ConfigError> {
             format!("must be at least train.batch_size = {}", train.batch_size),
         ));
     }
-    positive_count("train.max_consecutive_skips", train.max_consecutive_skips as usize)
+    positive_count(
+        "train.max_consecutive_skips",
+        train.max_consecutive_skips as usize,
+    )
 }
 
 fn validate_checkpoint(checkpoint: &CheckpointConfig) -> Result<(), ConfigError> {
@@ -590,7 +624,11 @@ fn validate_checkpoint(checkpoint: &CheckpointConfig) -> Result<(), ConfigError>
     non_negative_real("checkpoint.max_accuracy_drop", checkpoint.max_accuracy_drop)?;
     non_negative_real("checkpoint.max_kl", checkpoint.max_kl)?;
     if checkpoint.publish_every.is_zero() {
-        return Err(ConfigError::invalid("checkpoint.publish_every", "0s", "must be positive"));
+        return Err(ConfigError::invalid(
+            "checkpoint.publish_every",
+            "0s",
+            "must be positive",
+        ));
     }
     Ok(())
 }
@@ -599,14 +637,22 @@ fn positive_real(key: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > 0.0 {
         return Ok(());
     }
-    Err(ConfigError::invalid(key, value, "must be a positive finite number"))
+    Err(ConfigError::invalid(
+        key,
+        value,
+        "must be a positive finite number",
+    ))
 }
 
 fn non_negative_real(key: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value >= 0.0 {
         return Ok(());
     }
-    Err(ConfigError::invalid(key, value, "must be a finite number, zero or more"))
+    Err(ConfigError::invalid(
+        key,
+        value,
+        "must be a finite number, zero or more",
+    ))
 }
 
 fn positive_count(key: &str, value: usize) -> Result<(), ConfigError> {

@@ -9,7 +9,9 @@ fn load(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn error_line(text: &str) -> String {
-    load(text).expect_err("config should be refused").to_string()
+    load(text)
+        .expect_err("config should be refused")
+        .to_string()
 }
 
 #[test]
@@ -79,7 +81,10 @@ fn wrong_type_names_the_key() {
 fn bad_device_is_refused() {
     assert!(error_line("[runtime]\ndevice = \"gpu\"\n").contains("runtime.device"));
     assert_eq!(
-        load("[runtime]\ndevice = \"cuda:1\"\n").expect("cuda:1").runtime.device,
+        load("[runtime]\ndevice = \"cuda:1\"\n")
+            .expect("cuda:1")
+            .runtime
+            .device,
         DeviceSetting::Cuda(1)
     );
 }
@@ -115,7 +120,10 @@ fn environment_overrides_the_file() {
     let env = vec![
         ("REBELD__TRAIN__RADIUS".to_owned(), "0.25".to_owned()),
         ("REBELD__KAFKA__TOPIC".to_owned(), "feedback".to_owned()),
-        ("REBELD__SERVER__READ_TOKENS".to_owned(), "[\"abc\"]".to_owned()),
+        (
+            "REBELD__SERVER__READ_TOKENS".to_owned(),
+            "[\"abc\"]".to_owned(),
+        ),
         ("UNRELATED".to_owned(), "1".to_owned()),
     ];
     let config = Config::from_toml("t", "[train]\nradius = 0.1\n", env).expect("config");
@@ -129,7 +137,9 @@ fn environment_overrides_the_file() {
 #[test]
 fn environment_override_with_a_bad_value_is_named() {
     let env = vec![("REBELD__TRAIN__RADIUS".to_owned(), "-2".to_owned())];
-    let line = Config::from_toml("t", "", env).expect_err("refused").to_string();
+    let line = Config::from_toml("t", "", env)
+        .expect_err("refused")
+        .to_string();
 
     assert!(line.contains("train.radius = -2"), "{line}");
 }
@@ -139,14 +149,20 @@ fn masked_rendering_hides_secrets() {
     let text = "[server]\nadmin_tokens = [\"topsecret\"]\n[kafka]\nsasl_password = \"pw123\"\n";
     let rendered = load(text).expect("config").to_masked_toml();
 
-    assert!(!rendered.contains("topsecret") && !rendered.contains("pw123"), "{rendered}");
+    assert!(
+        !rendered.contains("topsecret") && !rendered.contains("pw123"),
+        "{rendered}"
+    );
     assert!(rendered.contains(MASK));
 }
 
 #[test]
 fn production_example_is_valid_once_tokens_come_from_the_environment() {
     let text = include_str!("../../config/production.toml");
-    let env = vec![("REBELD__SERVER__READ_TOKENS".to_owned(), "[\"t\"]".to_owned())];
+    let env = vec![(
+        "REBELD__SERVER__READ_TOKENS".to_owned(),
+        "[\"t\"]".to_owned(),
+    )];
 
     let config = Config::from_toml("production.toml", text, env).expect("production example");
     assert_eq!(config.train.micro_batch_size, 8);

@@ -1,0 +1,147 @@
+//! One appended batch and the light per-row state kept beside it.
+
+use arrow::array::BooleanArray;
+use arrow::compute::filter_record_batch;
+
+use super::columns::PairColumns;
+use super::error::BufferError;
+
+/// What the buffer keeps per row outside Arrow, so eviction and sampling decode nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowMeta {
+    /// Position in append order over the buffer's life; the row's handle.
+    pub(crate) seq: u64,
+    /// Ingest time in Unix milliseconds, copied from the batch.
+    pub(crate) ingest_ms: i64,
+    /// Bytes charged against `max_bytes`; see [`PairColumns::row_bytes`].
+    pub(crate) bytes: usize,
+    /// How often the trainer used the row. Kept here because Arrow arrays are immutable.
+    pub(crate) times_trained: u32,
+}
+
+/// A non-empty batch of rows, in append order, with one [`RowMeta`] per row.
+#[derive(Clone, Debug)]
+pub(crate) struct Chunk {
+    cols: PairColumns,
+    rows: Vec<RowMeta>,
+    bytes: usize,
+    min_ingest_ms: i64,
+    min_event_ms: i64,
+}
+
+impl Chunk {
+    /// Wraps a batch whose rows get handles `first_seq..` and the given training counts.
+    pub(crate) fn new(
+        cols: PairColumns,
+        first_seq: u64,
+        times_trained: impl IntoIterator<Item = u32>,
+    ) -> Chunk {
+        let rows = (0..cols.len())
+            .zip(times_trained)
+            .map(|(row, times_trained)| RowMeta {
+                seq: first_seq + row as u64,
+                ingest_ms: cols.ingest_time_ms(row),
+                bytes: cols.row_bytes(row),
+                times_trained,
+            })
+            .collect();
+
+        Chunk::from_parts(cols, rows)
+    }
+
+    fn from_parts(cols: PairColumns, rows: Vec<RowMeta>) -> Chunk {
+        let bytes = rows.iter().map(|r| r.bytes).sum();
+        let min_ingest_ms = rows.iter().map(|r| r.ingest_ms).min().unwrap_or(i64::MAX);
+        let events = (0..cols.len()).map(|row| cols.event_or_ingest_ms(row));
+        let min_event_ms = events.min().unwrap_or(i64::MAX);
+
+        Chunk {
+            cols,
+            rows,
+            bytes,
+            min_ingest_ms,
+            min_event_ms,
+        }
+    }
+
+    pub(crate) fn cols(&self) -> &PairColumns {
+        &self.cols
+    }
+
+    pub(crate) fn rows(&self) -> &[RowMeta] {
+        &self.rows
+    }
+
+    pub(crate) fn row_mut(&mut self, row: usize) -> &mut RowMeta {
+        &mut self.rows[row]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn min_ingest_ms(&self) -> i64 {
+        self.min_ingest_ms
+    }
+
+    pub(crate) fn min_event_ms(&self) -> i64 {
+        self.min_event_ms
+    }
+
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.rows.last().map_or(0, |r| r.seq)
+    }
+
+    /// The row holding handle `seq`, if it is in this chunk.
+    pub(crate) fn position_of(&self, seq: u64) -> Option<usize> {
+        self.rows.binary_search_by_key(&seq, |r| r.seq).ok()
+    }
+
+    /// How many rows from the front must go to shed `rows` rows and `bytes` bytes, as far as
+    /// this chunk can.
+    pub(crate) fn front_rows_to_shed(&self, rows: usize, bytes: usize) -> usize {
+        let mut count = 0;
+        let mut freed = 0;
+        for row in &self.rows {
+            if count >= rows && freed >= bytes {
+                break;
+            }
+            count += 1;
+            freed += row.bytes;
+        }
+        count
+    }
+
+    /// Drops the first `count` rows, keeping the batch's buffers shared.
+    ///
+    /// `count` must be below `len()`: a chunk never becomes empty, the buffer removes it.
+    pub(crate) fn drop_front(&mut self, count: usize) {
+        let cols = self.cols.slice(count, self.len() - count);
+        let rows = self.rows.split_off(count);
+        *self = Chunk::from_parts(cols, rows);
+    }
+
+    /// A copy holding only the rows whose `keep` entry is true, in fresh buffers.
+    pub(crate) fn retain(&self, keep: &[bool]) -> Result<Chunk, BufferError> {
+        let mask = BooleanArray::from(keep.to_vec());
+        let batch =
+            filter_record_batch(self.cols.batch(), &mask).map_err(|source| BufferError::Arrow {
+                op: "filtering expired rows",
+                source,
+            })?;
+        let cols = PairColumns::try_new(batch)?;
+        let rows = self
+            .rows
+            .iter()
+            .zip(keep)
+            .filter(|(_, &k)| k)
+            .map(|(r, _)| *r)
+            .collect();
+
+        Ok(Chunk::from_parts(cols, rows))
+    }
+}

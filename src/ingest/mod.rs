@@ -1,0 +1,439 @@
+//! Preference events from Kafka into the rolling buffer, exactly once, with a dead-letter topic.
+//!
+//! The loop receives messages into a pending batch, converts the batch on a blocking thread
+//! (parse, validate, tokenize), sends the rejected ones to the dead-letter topic and waits for
+//! their acknowledgement, then appends the accepted ones and advances the partition offsets,
+//! all under one lock. A batch is applied whole or not at all.
+//!
+//! Periodically, on partition revoke and on shutdown, a checkpoint snapshots the buffer with
+//! the offsets and the dedup window (atomically), and only then commits the offsets to Kafka.
+//! After a restart the snapshot is restored; Kafka resumes at the committed offsets, which
+//! never run ahead of the snapshot, and messages below the snapshot's offsets are skipped.
+
+pub mod convert;
+pub mod dead_letter;
+pub mod kafka;
+pub mod offsets;
+pub mod store;
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::convert::Converter;
+use self::dead_letter::DeadLetters;
+use self::offsets::Position;
+use self::store::{SharedBuffer, SnapshotStore};
+use crate::buffer::{BufferError, PairRecord, SnapshotError};
+use crate::config::KafkaConfig;
+use crate::event::Rejection;
+use crate::metrics::Metrics;
+
+/// Most messages converted together.
+const MAX_BATCH: usize = 256;
+/// Longest a received message waits for its batch to fill.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// At most one warning per this interval for repeated consumer errors.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Why ingest stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// A Kafka client could not be created or subscribed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The buffer refused rows.
+    #[error("buffer: {0}")]
+    Buffer(#[from] BufferError),
+    /// A snapshot could not be written; offsets were not committed.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// A conversion thread panicked.
+    #[error("conversion thread failed: {0}")]
+    Conversion(#[from] tokio::task::JoinError),
+}
+
+/// Snapshot and commit: shared by the loop and the rebalance callback.
+pub struct Checkpointer {
+    shared: Arc<SharedBuffer>,
+    snapshots: SnapshotStore,
+    topic: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Checkpointer {
+    /// A checkpointer of `shared` into `snapshots`.
+    pub fn new(
+        shared: Arc<SharedBuffer>,
+        snapshots: SnapshotStore,
+        topic: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            shared,
+            snapshots,
+            topic,
+            metrics,
+        }
+    }
+
+    /// Snapshots the state, then commits the offsets of `partitions` (those assigned now).
+    pub fn checkpoint<C: ConsumerContext>(
+        &self,
+        consumer: &impl Consumer<C>,
+        partitions: &[i32],
+    ) -> Result<(), IngestError> {
+        let capture = self.shared.capture();
+        let written = self.snapshots.write(&capture)?;
+        self.metrics
+            .ingest
+            .snapshot_seconds
+            .observe(written.seconds);
+        self.metrics.ingest.snapshot_bytes.set(written.bytes as i64);
+
+        let offsets = capture.offsets();
+        let mut list = TopicPartitionList::new();
+        for &partition in partitions {
+            if let Some(next) = offsets.next_offset(&self.topic, partition) {
+                list.add_partition_offset(&self.topic, partition, Offset::Offset(next))?;
+            }
+        }
+        if list.count() > 0 {
+            consumer.commit(&list, CommitMode::Sync)?;
+        }
+        debug!(
+            bytes = written.bytes,
+            seconds = written.seconds,
+            "snapshot written, offsets committed"
+        );
+        Ok(())
+    }
+}
+
+/// Consumer callbacks: log rebalances; checkpoint before partitions are taken away.
+pub struct IngestContext {
+    checkpointer: Arc<Checkpointer>,
+    revoked: Mutex<Vec<i32>>,
+}
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+        info!(?partitions, "partitions revoked");
+        if let Err(error) = self.checkpointer.checkpoint(consumer, &partitions) {
+            warn!(%error, "checkpoint on revoke failed; the next owner re-reads from the last commit");
+        }
+        self.revoked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(partitions);
+    }
+
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            info!(?partitions, "partitions assigned");
+        }
+    }
+}
+
+/// What ingest needs to run.
+pub struct IngestParts {
+    /// `[kafka]`.
+    pub kafka: KafkaConfig,
+    /// Resolved bootstrap list.
+    pub bootstrap: String,
+    /// Message to row conversion.
+    pub converter: Converter,
+    /// The buffer shared with the trainer.
+    pub shared: Arc<SharedBuffer>,
+    /// Where snapshots go.
+    pub snapshots: SnapshotStore,
+    /// How often to checkpoint.
+    pub snapshot_every: Duration,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The running consumer.
+pub struct Ingest {
+    consumer: StreamConsumer<IngestContext>,
+    dead_letters: DeadLetters,
+    converter: Converter,
+    shared: Arc<SharedBuffer>,
+    checkpointer: Arc<Checkpointer>,
+    snapshot_every: Duration,
+    metrics: Arc<Metrics>,
+    topic: String,
+    pending: Vec<OwnedMessage>,
+    last_warning: Option<Instant>,
+}
+
+enum Step {
+    Stop,
+    Checkpoint,
+    Received(Result<OwnedMessage, KafkaError>),
+    Flush,
+}
+
+/// The outcome of converting one message.
+type Converted = (OwnedMessage, Result<PairRecord, Rejection>);
+
+impl Ingest {
+    /// Creates the consumer and the dead-letter producer and subscribes.
+    pub fn start(parts: IngestParts) -> Result<Self, IngestError> {
+        let checkpointer = Arc::new(Checkpointer::new(
+            parts.shared.clone(),
+            parts.snapshots,
+            parts.kafka.topic.clone(),
+            parts.metrics.clone(),
+        ));
+        let context = IngestContext {
+            checkpointer: checkpointer.clone(),
+            revoked: Mutex::new(Vec::new()),
+        };
+        let consumer: StreamConsumer<IngestContext> =
+            kafka::consumer_config(&parts.kafka, &parts.bootstrap).create_with_context(context)?;
+        consumer.subscribe(&[parts.kafka.topic.as_str()])?;
+        let producer: FutureProducer =
+            kafka::producer_config(&parts.kafka, &parts.bootstrap).create()?;
+
+        Ok(Self {
+            consumer,
+            dead_letters: DeadLetters::new(producer, parts.kafka.dead_letter_topic.clone()),
+            converter: parts.converter,
+            shared: parts.shared,
+            checkpointer,
+            snapshot_every: parts.snapshot_every,
+            metrics: parts.metrics,
+            topic: parts.kafka.topic,
+            pending: Vec::new(),
+            last_warning: None,
+        })
+    }
+
+    /// Consumes until `token` fires, then checkpoints once more.
+    pub async fn run(mut self, token: CancellationToken) -> Result<(), IngestError> {
+        let mut ticker = tokio::time::interval(self.snapshot_every);
+        ticker.tick().await;
+        let mut flush_at = None;
+
+        loop {
+            let step = self.next_step(&token, &mut ticker, flush_at).await;
+            match step {
+                Step::Stop => break,
+                Step::Checkpoint => {
+                    self.flush(&token).await?;
+                    self.checkpoint_assigned()?;
+                }
+                Step::Received(Ok(message)) => {
+                    self.drop_revoked();
+                    flush_at.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_WAIT);
+                    self.pending.push(message);
+                    if self.pending.len() >= MAX_BATCH {
+                        self.flush(&token).await?;
+                        flush_at = None;
+                    }
+                }
+                Step::Received(Err(error)) => self.consumer_error(&error),
+                Step::Flush => {
+                    self.flush(&token).await?;
+                    flush_at = None;
+                }
+            }
+        }
+
+        self.flush(&token).await?;
+        self.checkpoint_assigned()?;
+        info!("ingest stopped after a final checkpoint");
+        Ok(())
+    }
+
+    async fn next_step(
+        &self,
+        token: &CancellationToken,
+        ticker: &mut tokio::time::Interval,
+        flush_at: Option<tokio::time::Instant>,
+    ) -> Step {
+        let flush = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = token.cancelled() => Step::Stop,
+            _ = ticker.tick() => Step::Checkpoint,
+            () = flush => Step::Flush,
+            received = self.consumer.recv() => Step::Received(received.map(|m| m.detach())),
+        }
+    }
+
+    /// Drops pending messages of partitions revoked since they were received: their next
+    /// owner reads them from the committed offset.
+    fn drop_revoked(&mut self) {
+        let revoked = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .revoked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if !revoked.is_empty() {
+            self.pending.retain(|m| !revoked.contains(&m.partition()));
+        }
+    }
+
+    fn consumer_error(&mut self, error: &KafkaError) {
+        self.metrics.ingest.consumer_errors.inc();
+        let quiet = self
+            .last_warning
+            .is_some_and(|at| at.elapsed() < WARN_EVERY);
+        if !quiet {
+            warn!(%error, "consumer error (repeats within 30 s are counted, not logged)");
+            self.last_warning = Some(Instant::now());
+        }
+    }
+
+    fn checkpoint_assigned(&self) -> Result<(), IngestError> {
+        let partitions = self.assigned_partitions()?;
+        self.checkpointer.checkpoint(&self.consumer, &partitions)
+    }
+
+    fn assigned_partitions(&self) -> Result<Vec<i32>, IngestError> {
+        let assignment = self.consumer.assignment()?;
+        let partitions = assignment
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        drop(assignment);
+        Ok(partitions)
+    }
+
+    /// Converts, dead-letters and appends the pending batch.
+    async fn flush(&mut self, token: &CancellationToken) -> Result<(), IngestError> {
+        self.drop_revoked();
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let fresh = self.skip_already_seen(batch);
+
+        let converter = self.converter.clone();
+        let now = now_ms();
+        let converted: Vec<Converted> = tokio::task::spawn_blocking(move || {
+            fresh
+                .into_iter()
+                .map(|m| {
+                    let result = converter.convert(&m, now);
+                    (m, result)
+                })
+                .collect()
+        })
+        .await?;
+
+        if !self.dead_letter(&converted, token).await {
+            // Shutdown interrupted a delivery: nothing of this batch is applied, nothing of it
+            // is committed, and the next start reads it again.
+            return Ok(());
+        }
+        self.apply(converted, now)
+    }
+
+    /// Drops messages the restored snapshot already accounts for.
+    fn skip_already_seen(&self, batch: Vec<OwnedMessage>) -> Vec<OwnedMessage> {
+        let state = self.shared.lock();
+        let (fresh, seen): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| {
+            state.offsets.position(m.topic(), m.partition(), m.offset()) == Position::New
+        });
+        drop(state);
+        self.metrics.ingest.replayed.inc_by(seen.len() as u64);
+        fresh
+    }
+
+    /// Delivers every rejection; false when shutdown interrupted a delivery.
+    async fn dead_letter(&self, converted: &[Converted], token: &CancellationToken) -> bool {
+        for (message, result) in converted {
+            let Err(rejection) = result else { continue };
+            let delivered = self
+                .dead_letters
+                .deliver(message, rejection, token, |error| {
+                    self.metrics.ingest.dead_letter_failures.inc();
+                    warn!(%error, "dead-letter delivery failed; retrying");
+                })
+                .await;
+            if delivered.is_err() {
+                return false;
+            }
+            self.metrics
+                .ingest
+                .rejected
+                .with_label_values(&[rejection.reason.as_str()])
+                .inc();
+        }
+        true
+    }
+
+    /// Appends accepted rows and advances offsets, under one lock.
+    fn apply(&self, converted: Vec<Converted>, now: i64) -> Result<(), IngestError> {
+        let ingest = &self.metrics.ingest;
+        let mut state = self.shared.lock();
+        let mut rows = Vec::new();
+        let mut duplicates = 0_u64;
+
+        for (message, result) in converted {
+            ingest.received.inc();
+            ingest
+                .bytes
+                .inc_by(message.payload().map_or(0, <[u8]>::len) as u64);
+            state
+                .offsets
+                .advance(message.topic(), message.partition(), message.offset());
+            let Ok(record) = result else { continue };
+            if state.dedup.insert(&record.id) {
+                rows.push(record);
+            } else {
+                duplicates += 1;
+            }
+        }
+
+        let outcome = state.buffer.append(rows, now)?;
+        let stats = state.buffer.stats();
+        drop(state);
+
+        ingest.accepted.inc_by(outcome.appended as u64);
+        ingest
+            .duplicates
+            .inc_by(duplicates + outcome.duplicates as u64);
+        self.metrics.record_buffer(&stats, &outcome.evicted);
+        self.shared.notify_appended();
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
