@@ -93,6 +93,7 @@ pub async fn run(
     });
     let brokers = start_brokers(&config, &mut supervisor)?;
     let shared = restore_buffer(&config)?;
+    metrics.record_buffer(&shared.lock().buffer.stats(), &Default::default());
     let ingest = start_ingest(&config, &brokers, shared, metrics.clone())?;
     readiness.set_consuming(true);
     supervisor.spawn(

@@ -1,0 +1,309 @@
+//! Shared helpers of the integration tests: a real tansu broker, the `rebeld` binary as a
+//! daemon, and plain HTTP reads of its endpoints.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_rebeld");
+pub const TINY_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+pub const TOPIC: &str = "rebeld.preferences";
+pub const DEAD_LETTER_TOPIC: &str = "rebeld.preferences.dlq";
+
+/// The HH-RLHF file the tests replay (never copied into the repository).
+pub fn hh_file() -> PathBuf {
+    let dir = std::env::var_os("REBELD_HH_RLHF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/hh-rlhf"));
+    dir.join("harmless-base-test.jsonl.gz")
+}
+
+/// A port free at the time of asking.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Waits for `check` to hold, polling; panics with `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// A tansu broker on loopback with in-memory storage, stopped on drop.
+pub struct Tansu {
+    child: Child,
+    pub bootstrap: String,
+}
+
+impl Tansu {
+    /// Starts the broker and creates rebeld's topics with `partitions` each.
+    pub fn start(partitions: u32) -> Self {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (installed by scripts/setup)");
+        let broker = Self {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        };
+        wait_for("tansu to listen", Duration::from_secs(30), || {
+            TcpStream::connect(&broker.bootstrap).is_ok()
+        });
+        for topic in [TOPIC, DEAD_LETTER_TOPIC, "rebeld.checkpoints"] {
+            broker.create_topic(topic, partitions);
+        }
+        broker
+    }
+
+    fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new("tansu")
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .args(["--broker", &format!("tcp://{}", self.bootstrap)])
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu topic create");
+        assert!(status.success(), "creating topic {name}");
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Configuration for a daemon on `bootstrap`, with free ports and the tiny model.
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    pub api_port: u16,
+    pub metrics_port: u16,
+    pub body: String,
+}
+
+impl DaemonConfig {
+    /// Defaults for tests (fast snapshots, a short group session, the tiny model, free ports),
+    /// with the TOML in `extra` merged over them key by key.
+    pub fn new(data_dir: &Path, bootstrap: &str, extra: &str) -> Self {
+        let api_port = free_port();
+        let metrics_port = free_port();
+        let base = format!(
+            "[runtime]\ndevice = \"cpu\"\ndata_dir = {data_dir:?}\nshutdown_timeout = \"20s\"\n\
+             [kafka]\nbrokers = {bootstrap:?}\n\
+             [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             \"heartbeat.interval.ms\" = \"500\"\n\
+             [buffer]\nsnapshot_every = \"500ms\"\n\
+             [model]\npath = {TINY_MODEL:?}\n\
+             [server]\nlisten = \"127.0.0.1:{api_port}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+        );
+        let mut table: toml::Table = base.parse().expect("base config");
+        merge(&mut table, extra.parse().expect("extra config"));
+
+        Self {
+            data_dir: data_dir.to_owned(),
+            api_port,
+            metrics_port,
+            body: table.to_string(),
+        }
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(more)) => merge(existing, more),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// A running `rebeld run`.
+pub struct Daemon {
+    child: Child,
+    pub metrics_port: u16,
+    pub api_port: u16,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Writes the config beside the data folder and starts the daemon; returns once it logged
+    /// its start-up line.
+    pub fn start(config: &DaemonConfig) -> Self {
+        std::fs::create_dir_all(&config.data_dir).expect("data dir");
+        let path = config.data_dir.join("rebeld.toml");
+        std::fs::write(&path, &config.body).expect("write config");
+
+        let mut child = Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env_remove("LD_LIBRARY_PATH")
+            .env("REBELD_LOG", "warn,rebeld=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rebeld run");
+        let lines = forward_lines(child.stderr.take().expect("stderr"));
+        let daemon = Self {
+            child,
+            metrics_port: config.metrics_port,
+            api_port: config.api_port,
+            lines,
+        };
+        daemon.wait_for_line("rebeld started", Duration::from_secs(60));
+        daemon
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for_line(&self, needle: &str, limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
+            }
+        }
+    }
+
+    /// The value of an unlabelled metric, if exposed.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.metrics_port, "/metrics").ok()?.1;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit.
+    pub fn terminate(mut self, limit: Duration) -> ExitStatus {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("rebeld did not stop within {limit:?} of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn forward_lines(stderr: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("REBELD_TEST_ECHO").is_some() {
+                eprintln!("{line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// `rebeld replay` of the HH-RLHF file; returns its standard output.
+pub fn replay_hh(bootstrap: &str, extra: &[&str]) -> String {
+    let output = Command::new(BINARY)
+        .arg("replay")
+        .arg(hh_file())
+        .args(["--format", "hh-rlhf", "--quiet", "--brokers", bootstrap])
+        .args(extra)
+        .output()
+        .expect("run rebeld replay");
+    assert!(output.status.success(), "replay failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The ids the daemon must end up with for the HH file, computed without the daemon:
+/// each line converted and parsed by the library.
+pub fn hh_expected_ids() -> BTreeSet<String> {
+    let limits = rebeld::event::EventLimits::default();
+    rebeld::replay::open_lines(&hh_file())
+        .expect("HH file")
+        .map_while(Result::ok)
+        .filter_map(|line| rebeld::event::hh_rlhf::hh_to_event(&line).ok())
+        .map(|event| {
+            let bytes = event.to_string().into_bytes();
+            rebeld::event::parse_event(Some(&bytes), &limits)
+                .expect("valid event")
+                .id
+        })
+        .collect()
+}
+
+/// The ids held by the daemon's last snapshot, in buffer order, and its lifetime counters.
+pub fn snapshot_contents(data_dir: &Path) -> (Vec<String>, rebeld::buffer::BufferStats) {
+    let path = data_dir.join("ingest").join("buffer.arrow");
+    let (buffer, _) = rebeld::buffer::read_snapshot(&path).expect("snapshot");
+    let ids = buffer.ids().map(str::to_owned).collect();
+    (ids, buffer.stats())
+}
