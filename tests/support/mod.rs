@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests: a real tansu broker, the `rebeld` binary as a
 //! daemon, and plain HTTP reads of its endpoints.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
