@@ -94,8 +94,7 @@ pub async fn run(
     let brokers = start_brokers(&config, &mut supervisor)?;
     let shared = restore_buffer(&config)?;
     metrics.record_buffer(&shared.lock().buffer.stats(), &Default::default());
-    let ingest = start_ingest(&config, &brokers, shared, metrics.clone())?;
-    readiness.set_consuming(true);
+    let ingest = start_ingest(&config, &brokers, shared, metrics.clone(), readiness.clone())?;
     supervisor.spawn(
         "ingest",
         |token| async move { Ok(ingest.run(token).await?) },
@@ -157,6 +156,7 @@ fn start_ingest(
     bootstrap: &str,
     shared: Arc<SharedBuffer>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 ) -> Result<Ingest, DaemonError> {
     let tokenizer =
         PolicyTokenizer::from_dir(&config.model.path).map_err(|source| DaemonError::Tokenizer {
@@ -173,6 +173,7 @@ fn start_ingest(
         snapshots: SnapshotStore::in_data_dir(&config.runtime.data_dir),
         snapshot_every: config.buffer.snapshot_every,
         metrics,
+        readiness,
     })?)
 }
 

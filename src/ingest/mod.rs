@@ -35,6 +35,7 @@ use self::store::{SharedBuffer, SnapshotStore};
 use crate::buffer::{BufferError, PairRecord, SnapshotError};
 use crate::config::KafkaConfig;
 use crate::event::Rejection;
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 
 /// Most messages converted together.
@@ -122,6 +123,7 @@ impl Checkpointer {
 pub struct IngestContext {
     checkpointer: Arc<Checkpointer>,
     revoked: Mutex<Vec<i32>>,
+    readiness: Arc<Readiness>,
 }
 
 impl ClientContext for IngestContext {}
@@ -144,12 +146,14 @@ impl ConsumerContext for IngestContext {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend(partitions);
+        self.readiness.set_consuming(false);
     }
 
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
             info!(?partitions, "partitions assigned");
+            self.readiness.set_consuming(true);
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct IngestParts {
     pub snapshot_every: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Raised while partitions are assigned.
+    pub readiness: Arc<Readiness>,
 }
 
 /// The running consumer.
@@ -208,6 +214,7 @@ impl Ingest {
         let context = IngestContext {
             checkpointer: checkpointer.clone(),
             revoked: Mutex::new(Vec::new()),
+            readiness: parts.readiness,
         };
         let consumer: StreamConsumer<IngestContext> =
             kafka::consumer_config(&parts.kafka, &parts.bootstrap).create_with_context(context)?;
@@ -262,6 +269,7 @@ impl Ingest {
 
         self.flush(&token).await?;
         self.checkpoint_assigned()?;
+        self.consumer.context().readiness.set_consuming(false);
         info!("ingest stopped after a final checkpoint");
         Ok(())
     }
