@@ -94,7 +94,13 @@ pub async fn run(
     let brokers = start_brokers(&config, &mut supervisor)?;
     let shared = restore_buffer(&config)?;
     metrics.record_buffer(&shared.lock().buffer.stats(), &Default::default());
-    let ingest = start_ingest(&config, &brokers, shared, metrics.clone(), readiness.clone())?;
+    let ingest = start_ingest(
+        &config,
+        &brokers,
+        shared,
+        metrics.clone(),
+        readiness.clone(),
+    )?;
     supervisor.spawn(
         "ingest",
         |token| async move { Ok(ingest.run(token).await?) },
