@@ -96,6 +96,13 @@ pub mod ingest {
         "rebeld_ingest_consumer_errors_total",
         "Errors the Kafka consumer reported while receiving.",
     );
+    /// Messages behind the partition's high watermark.
+    pub const CONSUMER_LAG: MetricSpec = MetricSpec {
+        name: "rebeld_ingest_consumer_lag_messages",
+        help:
+            "Messages between the next offset the buffer holds and the partition's high watermark.",
+        labels: &["partition"],
+    };
     /// Snapshot write durations.
     pub const SNAPSHOT_SECONDS: MetricSpec = spec(
         "rebeld_buffer_snapshot_duration_seconds",
@@ -139,6 +146,7 @@ pub const CATALOGUE: &[MetricSpec] = &[
     ingest::REPLAYED,
     ingest::DEAD_LETTER_FAILURES,
     ingest::CONSUMER_ERRORS,
+    ingest::CONSUMER_LAG,
     ingest::SNAPSHOT_SECONDS,
     ingest::SNAPSHOT_BYTES,
     ingest::ROWS,
@@ -166,6 +174,8 @@ pub struct IngestMetrics {
     pub dead_letter_failures: IntCounter,
     /// See [`ingest::CONSUMER_ERRORS`].
     pub consumer_errors: IntCounter,
+    /// See [`ingest::CONSUMER_LAG`].
+    pub consumer_lag: IntGaugeVec,
     /// See [`ingest::SNAPSHOT_SECONDS`].
     pub snapshot_seconds: Histogram,
     /// See [`ingest::SNAPSHOT_BYTES`].
@@ -191,6 +201,10 @@ impl IngestMetrics {
             replayed: IntCounter::with_opts(opts(ingest::REPLAYED))?,
             dead_letter_failures: IntCounter::with_opts(opts(ingest::DEAD_LETTER_FAILURES))?,
             consumer_errors: IntCounter::with_opts(opts(ingest::CONSUMER_ERRORS))?,
+            consumer_lag: IntGaugeVec::new(
+                opts(ingest::CONSUMER_LAG),
+                ingest::CONSUMER_LAG.labels,
+            )?,
             snapshot_seconds: Histogram::with_opts(
                 HistogramOpts::new(ingest::SNAPSHOT_SECONDS.name, ingest::SNAPSHOT_SECONDS.help)
                     .buckets(prometheus::exponential_buckets(0.005, 2.0, 14)?),
@@ -201,7 +215,7 @@ impl IngestMetrics {
             evictions: IntCounterVec::new(opts(ingest::EVICTIONS), ingest::EVICTIONS.labels)?,
             evicted_never_trained: IntCounter::with_opts(opts(ingest::EVICTED_NEVER_TRAINED))?,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(metrics.received.clone()),
             Box::new(metrics.bytes.clone()),
             Box::new(metrics.accepted.clone()),
@@ -210,6 +224,7 @@ impl IngestMetrics {
             Box::new(metrics.replayed.clone()),
             Box::new(metrics.dead_letter_failures.clone()),
             Box::new(metrics.consumer_errors.clone()),
+            Box::new(metrics.consumer_lag.clone()),
             Box::new(metrics.snapshot_seconds.clone()),
             Box::new(metrics.snapshot_bytes.clone()),
             Box::new(metrics.rows.clone()),
@@ -369,6 +384,7 @@ mod tests {
             .http_requests
             .with_label_values(&["api", "/healthz", "200"])
             .inc();
+        metrics.ingest.consumer_lag.with_label_values(&["0"]).set(3);
 
         let text = String::from_utf8(metrics.render()).expect("utf-8");
         for spec in CATALOGUE {

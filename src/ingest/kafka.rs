@@ -38,6 +38,7 @@ pub fn consumer_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", reset)
         .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "10000")
         .set("fetch.message.max.bytes", fetch_limit(kafka).to_string());
     config
 }

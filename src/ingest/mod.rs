@@ -126,7 +126,31 @@ pub struct IngestContext {
     readiness: Arc<Readiness>,
 }
 
-impl ClientContext for IngestContext {}
+impl ClientContext for IngestContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`) give each partition's high
+    /// watermark; the lag is measured from rebeld's own next offset (what the buffer holds),
+    /// since offsets are committed only at checkpoints.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let topic = &self.checkpointer.topic;
+        let Some(partitions) = statistics.topics.get(topic).map(|t| &t.partitions) else {
+            return;
+        };
+        let offsets = self.checkpointer.shared.lock().offsets.clone();
+        let lag = &self.checkpointer.metrics.ingest.consumer_lag;
+
+        // Partition -1 is librdkafka's internal placeholder; a negative watermark is unknown.
+        for (partition, stats) in partitions
+            .iter()
+            .filter(|(p, s)| **p >= 0 && s.hi_offset >= 0)
+        {
+            let consumed = offsets
+                .next_offset(topic, *partition)
+                .unwrap_or(stats.lo_offset.max(0));
+            let behind = (stats.hi_offset - consumed).max(0);
+            lag.with_label_values(&[&partition.to_string()]).set(behind);
+        }
+    }
+}
 
 impl ConsumerContext for IngestContext {
     fn pre_rebalance(

@@ -236,7 +236,10 @@ impl Config {
             some => positive("head_dim", some)?,
         };
         if head_dim % 2 != 0 {
-            return Err(invalid("head_dim", format!("{head_dim} is odd; RoPE needs pairs")));
+            return Err(invalid(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs pairs"),
+            ));
         }
         check_activation(raw.hidden_act.as_deref())?;
         let (rope_theta, rope_scaling) = rope(&raw)?;
@@ -320,7 +323,10 @@ fn default_head_dim(hidden_size: i64, heads: i64) -> Result<i64, ConfigError> {
 fn check_activation(act: Option<&str>) -> Result<(), ConfigError> {
     match act {
         None | Some("silu") | Some("swish") => Ok(()),
-        Some(other) => Err(invalid("hidden_act", format!("{other:?} is not implemented"))),
+        Some(other) => Err(invalid(
+            "hidden_act",
+            format!("{other:?} is not implemented"),
+        )),
     }
 }
 
@@ -340,9 +346,15 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), ConfigError> {
         (None, Some(scaling)) => ("rope_scaling", scaling.clone()),
         (None, None) => ("rope_scaling", RawRope::default()),
     };
-    let theta = params.rope_theta.or(raw.rope_theta).unwrap_or(DEFAULT_ROPE_THETA);
+    let theta = params
+        .rope_theta
+        .or(raw.rope_theta)
+        .unwrap_or(DEFAULT_ROPE_THETA);
     if theta <= 0.0 || !theta.is_finite() {
-        return Err(invalid("rope_theta", format!("{theta} is not a positive number")));
+        return Err(invalid(
+            "rope_theta",
+            format!("{theta} is not a positive number"),
+        ));
     }
     if params.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         let reason = "partial_rotary_factor other than 1 is not implemented".to_owned();
@@ -352,13 +364,19 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), ConfigError> {
 }
 
 fn scaling(field: &'static str, params: &RawRope) -> Result<RopeScaling, ConfigError> {
-    let kind = params.rope_type.as_deref().or(params.kind.as_deref()).unwrap_or("default");
+    let kind = params
+        .rope_type
+        .as_deref()
+        .or(params.kind.as_deref())
+        .unwrap_or("default");
     let need = |name: &str, value: Option<f64>| {
         value.ok_or_else(|| invalid(field, format!("rope type {kind:?} needs `{name}`")))
     };
     match kind {
         "default" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear { factor: need("factor", params.factor)? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: need("factor", params.factor)?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: need("factor", params.factor)?,
             low_freq_factor: need("low_freq_factor", params.low_freq_factor)?,
@@ -368,7 +386,10 @@ fn scaling(field: &'static str, params: &RawRope) -> Result<RopeScaling, ConfigE
                 params.original_max_position_embeddings,
             )?,
         }),
-        other => Err(invalid(field, format!("rope type {other:?} is not implemented"))),
+        other => Err(invalid(
+            field,
+            format!("rope type {other:?} is not implemented"),
+        )),
     }
 }
 
@@ -409,7 +430,10 @@ mod tests {
     fn reads_the_tiny_llama_fixture() {
         let text = include_str!("../../tests/fixtures/tiny-llama/config.json");
         let config = Config::from_json_str(text).expect("valid");
-        assert_eq!((config.num_attention_heads, config.num_key_value_heads), (4, 2));
+        assert_eq!(
+            (config.num_attention_heads, config.num_key_value_heads),
+            (4, 2)
+        );
         assert_eq!(config.head_dim, 16);
         assert_eq!(config.rope_theta, 10_000.0);
         assert_eq!(config.rms_norm_eps, 1e-5);
@@ -476,7 +500,10 @@ mod tests {
         json["model_type"] = "gemma3".into();
         json["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
         let error = parse(json).expect_err("unsupported").to_string();
-        assert!(error.contains("gemma3") && error.contains("Gemma3ForCausalLM"), "{error}");
+        assert!(
+            error.contains("gemma3") && error.contains("Gemma3ForCausalLM"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -484,7 +511,10 @@ mod tests {
         let mut json = base();
         json["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let error = parse(json).expect_err("yarn").to_string();
-        assert!(error.contains("rope_scaling") && error.contains("yarn"), "{error}");
+        assert!(
+            error.contains("rope_scaling") && error.contains("yarn"),
+            "{error}"
+        );
 
         let mut json = base();
         json["num_key_value_heads"] = 3.into();
@@ -494,6 +524,9 @@ mod tests {
         let mut json = base();
         json.as_object_mut().expect("object").remove("hidden_size");
         let error = parse(json).expect_err("missing").to_string();
-        assert!(error.contains("hidden_size") && error.contains("missing"), "{error}");
+        assert!(
+            error.contains("hidden_size") && error.contains("missing"),
+            "{error}"
+        );
     }
 }

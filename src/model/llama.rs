@@ -73,7 +73,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(p: nn::Path, size: i64, eps: f64) -> Result<Self, TchError> {
-        Ok(Self { weight: p.f_ones("weight", &[size])?, eps })
+        Ok(Self {
+            weight: p.f_ones("weight", &[size])?,
+            eps,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
@@ -114,8 +117,12 @@ fn llama3_inv_freq(inv_freq: &[f32], scaling: RopeScaling) -> Vec<f32> {
     else {
         return inv_freq.to_vec();
     };
-    let (factor, low, high, old_len) =
-        (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old_len as f32);
+    let (factor, low, high, old_len) = (
+        factor as f32,
+        low_freq_factor as f32,
+        high_freq_factor as f32,
+        old_len as f32,
+    );
     let low_freq_wavelen = old_len / low;
     let high_freq_wavelen = old_len / high;
 
@@ -152,7 +159,8 @@ impl RopeTables {
 
     /// Rotates `xs` (`[b, heads, seq_len, head_dim]`): `x cos + rotate_half(x) sin`.
     fn apply(&self, xs: &Tensor) -> Result<Tensor, TchError> {
-        xs.f_mul(&self.cos)?.f_add(&rotate_half(xs)?.f_mul(&self.sin)?)
+        xs.f_mul(&self.cos)?
+            .f_add(&rotate_half(xs)?.f_mul(&self.sin)?)
     }
 }
 
@@ -224,10 +232,21 @@ impl Attention {
             // Kernels that take a mask do not all take `enable_gqa`: share the heads here.
             Some(mask) => {
                 let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)?
+                Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(mask),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                )?
             }
         };
-        let ys = ys.f_transpose(1, 2)?.f_reshape([b_sz, seq_len, self.num_heads * self.head_dim])?;
+        let ys =
+            ys.f_transpose(1, 2)?
+                .f_reshape([b_sz, seq_len, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&ys)
     }
 
@@ -264,7 +283,8 @@ impl Mlp {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let gate = self.gate_proj.forward(xs)?.f_silu()?;
-        self.down_proj.forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
+        self.down_proj
+            .forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
     }
 }
 
@@ -294,9 +314,13 @@ impl DecoderLayer {
         rope: &RopeTables,
         mask: Option<&Tensor>,
     ) -> Result<Tensor, TchError> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, mask)?;
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(xs)?, rope, mask)?;
         let xs = xs.f_add(&attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs.f_add(&mlp)
     }
 }
@@ -319,8 +343,8 @@ impl Llama {
     /// until [`weights::load`] fills them; [`Llama::from_pretrained`] does both.
     pub fn load(p: &nn::Path, config: &Config) -> Result<Self, ModelError> {
         let model = p / "model";
-        let embed_tokens =
-            (&model / "embed_tokens").f_zeros("weight", &[config.vocab_size, config.hidden_size])?;
+        let embed_tokens = (&model / "embed_tokens")
+            .f_zeros("weight", &[config.vocab_size, config.hidden_size])?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&model / "layers" / i, config))
             .collect::<Result<Vec<_>, _>>()?;
@@ -330,7 +354,14 @@ impl Llama {
             false => (p / "lm_head").f_zeros("weight", &[config.vocab_size, config.hidden_size])?,
         };
         let inv_freq = Tensor::f_from_slice(&rope_inv_freq(config)?)?.f_to_device(p.device())?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, inv_freq, config: config.clone() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            config: config.clone(),
+        })
     }
 
     /// Loads the model folder `dir` (`config.json` and the safetensors weights) into `vs`,
@@ -345,7 +376,12 @@ impl Llama {
 
     /// Saves `config.json` and `model.safetensors` (in `dtype`) into `dir`, which
     /// `transformers` loads unchanged. `vs` is the store the model was loaded into.
-    pub fn save_pretrained(&self, vs: &VarStore, dir: &Path, dtype: SaveDtype) -> Result<(), ModelError> {
+    pub fn save_pretrained(
+        &self,
+        vs: &VarStore,
+        dir: &Path,
+        dtype: SaveDtype,
+    ) -> Result<(), ModelError> {
         Ok(weights::save_pretrained(vs, &self.config, dir, dtype)?)
     }
 
@@ -367,7 +403,13 @@ impl Llama {
     /// Together with [`Llama::forward_embeds`], this lets an objective take gradients with
     /// respect to the embeddings (detach, `set_requires_grad`, forward).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?)
+        Ok(Tensor::f_embedding(
+            &self.embed_tokens,
+            input_ids,
+            -1,
+            false,
+            false,
+        )?)
     }
 
     /// The final hidden states, after the last norm: `[b, seq_len, hidden]`.
@@ -383,7 +425,9 @@ impl Llama {
         let (b_sz, seq_len, hidden) = embeds.size3()?;
         self.check_input(seq_len, hidden)?;
         let rope = RopeTables::new(&self.inv_freq, seq_len, embeds.kind())?;
-        let mask = key_padding.map(|m| attention_mask(m, b_sz, seq_len)).transpose()?;
+        let mask = key_padding
+            .map(|m| attention_mask(m, b_sz, seq_len))
+            .transpose()?;
 
         let mut xs = embeds.shallow_clone();
         for layer in &self.layers {
@@ -419,7 +463,9 @@ impl Llama {
     fn check_input(&self, seq_len: i64, hidden: i64) -> Result<(), ModelError> {
         if hidden != self.config.hidden_size {
             let expected = self.config.hidden_size;
-            return Err(ModelError::Input(format!("embeddings of width {hidden}, not {expected}")));
+            return Err(ModelError::Input(format!(
+                "embeddings of width {hidden}, not {expected}"
+            )));
         }
         match self.config.sliding_window {
             Some(window) if seq_len > window => Err(ModelError::Input(format!(
@@ -438,7 +484,8 @@ fn attention_mask(key_padding: &Tensor, b_sz: i64, seq_len: i64) -> Result<Tenso
             "key padding mask is {found:?}, not bool [{b_sz}, {seq_len}]"
         )));
     }
-    let causal = Tensor::f_ones([seq_len, seq_len], (Kind::Bool, key_padding.device()))?.f_tril(0)?;
+    let causal =
+        Tensor::f_ones([seq_len, seq_len], (Kind::Bool, key_padding.device()))?.f_tril(0)?;
     let keys = key_padding.f_reshape([b_sz, 1, 1, seq_len])?;
     Ok(causal.f_logical_and(&keys)?)
 }
@@ -473,12 +520,18 @@ pub(crate) mod testing {
     /// The project's Python with `transformers`, when the virtual environment exists.
     pub(crate) fn python() -> Option<PathBuf> {
         // Canonical, so Python finds its `pyvenv.cfg` beside the real path.
-        let root = fixtures_dir().join("../..").canonicalize().unwrap_or_default();
+        let root = fixtures_dir()
+            .join("../..")
+            .canonicalize()
+            .unwrap_or_default();
         let python = root.join(".venv/bin/python");
         if python.is_file() {
             return Some(python);
         }
-        println!("note: no {} — skipping the comparison with transformers", python.display());
+        println!(
+            "note: no {} — skipping the comparison with transformers",
+            python.display()
+        );
         None
     }
 }
@@ -514,7 +567,9 @@ mod tests {
     fn reference() -> ForwardReference {
         let path = fixtures_dir().join("tiny-llama/logprob_reference.json");
         let text = std::fs::read_to_string(&path).expect("the reference exists");
-        serde_json::from_str::<Reference>(&text).expect("the reference parses").forward
+        serde_json::from_str::<Reference>(&text)
+            .expect("the reference parses")
+            .forward
     }
 
     fn ids(ids: &[i64]) -> Tensor {
@@ -527,14 +582,19 @@ mod tests {
 
     fn assert_close(found: f64, expected: f64, tol: f64, what: &str) {
         let scale = expected.abs().max(1.0);
-        assert!((found - expected).abs() <= tol * scale, "{what}: {found} vs {expected}");
+        assert!(
+            (found - expected).abs() <= tol * scale,
+            "{what}: {found} vs {expected}"
+        );
     }
 
     #[test]
     fn logits_match_transformers() {
         let reference = reference();
         let (_vs, model) = tiny_llama();
-        let logits = model.forward(&ids(&reference.input_ids), None).expect("forward");
+        let logits = model
+            .forward(&ids(&reference.input_ids), None)
+            .expect("forward");
         assert_eq!(logits.size(), [&[1], reference.shape.as_slice()].concat());
         let logits = logits.squeeze_dim(0);
         let rows = to_vec2(&logits);
@@ -543,9 +603,18 @@ mod tests {
             let sum: f64 = row.iter().sum();
             let abs_sum: f64 = row.iter().map(|v| v.abs()).sum();
             assert_close(sum, reference.row_sum[t], 1e-4, &format!("row {t} sum"));
-            assert_close(abs_sum, reference.row_abs_sum[t], 1e-4, &format!("row {t} |sum|"));
-            assert_close(row.iter().cloned().fold(f64::MIN, f64::max), reference.row_max[t],
-                         1e-4, &format!("row {t} max"));
+            assert_close(
+                abs_sum,
+                reference.row_abs_sum[t],
+                1e-4,
+                &format!("row {t} |sum|"),
+            );
+            assert_close(
+                row.iter().cloned().fold(f64::MIN, f64::max),
+                reference.row_max[t],
+                1e-4,
+                &format!("row {t} max"),
+            );
             for (c, &col) in reference.columns.iter().enumerate() {
                 let expected = reference.column_values[t][c];
                 assert_close(row[col as usize], expected, 1e-4, &format!("[{t}, {col}]"));
@@ -553,7 +622,11 @@ mod tests {
         }
         let argmax = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("ids");
         assert_eq!(argmax, reference.row_argmax);
-        for (v, (&found, &expected)) in rows[rows.len() - 1].iter().zip(&reference.last_row).enumerate() {
+        for (v, (&found, &expected)) in rows[rows.len() - 1]
+            .iter()
+            .zip(&reference.last_row)
+            .enumerate()
+        {
             assert_close(found, expected, 1e-4, &format!("last row, column {v}"));
         }
     }
@@ -570,8 +643,14 @@ mod tests {
         let mask = Tensor::from_slice(&mask).reshape([1, -1]);
 
         let alone = model.forward(&ids(&real), None).expect("forward");
-        let causal = model.forward(&ids(&padded), None).expect("forward").narrow(1, 0, n);
-        let masked = model.forward(&ids(&padded), Some(&mask)).expect("forward").narrow(1, 0, n);
+        let causal = model
+            .forward(&ids(&padded), None)
+            .expect("forward")
+            .narrow(1, 0, n);
+        let masked = model
+            .forward(&ids(&padded), Some(&mask))
+            .expect("forward")
+            .narrow(1, 0, n);
         assert!(alone.allclose(&causal, 1e-5, 1e-5, false));
         assert!(alone.allclose(&masked, 1e-5, 1e-5, false));
     }
@@ -615,10 +694,16 @@ mod tests {
     fn mismatched_inputs_are_errors() {
         let (_vs, model) = tiny_llama();
         let wrong_width = Tensor::zeros([1, 3, 32], (Kind::Float, Device::Cpu));
-        assert!(matches!(model.forward_embeds(&wrong_width, None), Err(ModelError::Input(_))));
+        assert!(matches!(
+            model.forward_embeds(&wrong_width, None),
+            Err(ModelError::Input(_))
+        ));
         let ids = ids(&[1, 2, 3]);
         let wrong_mask = Tensor::ones([1, 2], (Kind::Bool, Device::Cpu));
-        assert!(matches!(model.forward(&ids, Some(&wrong_mask)), Err(ModelError::Input(_))));
+        assert!(matches!(
+            model.forward(&ids, Some(&wrong_mask)),
+            Err(ModelError::Input(_))
+        ));
         let out_of_vocab = Tensor::from_slice(&[1i64, 512]).reshape([1, 2]);
         assert!(model.forward(&out_of_vocab, None).is_err());
     }
@@ -627,7 +712,9 @@ mod tests {
     fn save_then_reload_gives_identical_logits() {
         let (vs, model) = tiny_llama();
         let dir = tempfile::tempdir().expect("tempdir");
-        model.save_pretrained(&vs, dir.path(), SaveDtype::F32).expect("save");
+        model
+            .save_pretrained(&vs, dir.path(), SaveDtype::F32)
+            .expect("save");
 
         let reloaded_vs = VarStore::new(Device::Cpu);
         let reloaded = Llama::from_pretrained(&reloaded_vs, dir.path()).expect("reload");
@@ -641,19 +728,27 @@ mod tests {
     fn bf16_checkpoints_load_into_a_bf16_store() {
         let (vs, model) = tiny_llama();
         let dir = tempfile::tempdir().expect("tempdir");
-        model.save_pretrained(&vs, dir.path(), SaveDtype::BF16).expect("save");
+        model
+            .save_pretrained(&vs, dir.path(), SaveDtype::BF16)
+            .expect("save");
         let config = std::fs::read_to_string(dir.path().join("config.json")).expect("config");
         assert!(config.contains("\"dtype\": \"bfloat16\""), "{config}");
 
         let mut bf16_vs = VarStore::new(Device::Cpu);
         bf16_vs.set_kind(Kind::BFloat16);
         let bf16 = Llama::from_pretrained(&bf16_vs, dir.path()).expect("reload");
-        assert!(bf16_vs.variables().values().all(|v| v.kind() == Kind::BFloat16));
+        assert!(bf16_vs
+            .variables()
+            .values()
+            .all(|v| v.kind() == Kind::BFloat16));
         let input = ids(&reference().input_ids);
         let f32_logits = model.forward(&input, None).expect("forward");
         let bf16_logits = bf16.forward(&input, None).expect("forward");
         assert_eq!(bf16_logits.kind(), Kind::BFloat16);
-        let diff = (f32_logits - bf16_logits.to_kind(Kind::Float)).abs().max().double_value(&[]);
+        let diff = (f32_logits - bf16_logits.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(diff < 0.1, "bf16 logits are {diff} away from f32");
     }
 
@@ -685,7 +780,10 @@ with torch.no_grad():
         assert_eq!(found.len(), expected.len());
         for (t, (f_row, e_row)) in found.iter().zip(&expected).enumerate() {
             for (v, (f, e)) in f_row.iter().zip(e_row).enumerate() {
-                assert!((f - e).abs() <= tol * e.abs().max(1.0), "logit [{t}, {v}]: {f} vs {e}");
+                assert!(
+                    (f - e).abs() <= tol * e.abs().max(1.0),
+                    "logit [{t}, {v}]: {f} vs {e}"
+                );
             }
         }
     }
@@ -695,7 +793,9 @@ with torch.no_grad():
         let Some(python) = python() else { return };
         let (vs, model) = tiny_llama();
         let dir = tempfile::tempdir().expect("tempdir");
-        model.save_pretrained(&vs, dir.path(), SaveDtype::F32).expect("save");
+        model
+            .save_pretrained(&vs, dir.path(), SaveDtype::F32)
+            .expect("save");
 
         let input: Vec<i64> = reference().input_ids;
         let folder = dir.path().to_str().expect("utf-8 path");
@@ -754,7 +854,10 @@ with torch.no_grad():
         let found = model.forward(&ids(&input), None).expect("forward");
         assert_logits_match(&found, &made["logits"], 1e-4);
         let spread = found.std(true).double_value(&[]);
-        assert!(spread > 0.5, "logits spread {spread}: too flat to show a difference");
+        assert!(
+            spread > 0.5,
+            "logits spread {spread}: too flat to show a difference"
+        );
     }
 
     #[test]
@@ -774,7 +877,10 @@ with torch.no_grad():
                 .expect("rope_parameters");
             config["rope_theta"] = params["rope_theta"].clone();
             config["rope_scaling"] = params;
-            config["rope_scaling"].as_object_mut().expect("object").remove("rope_theta");
+            config["rope_scaling"]
+                .as_object_mut()
+                .expect("object")
+                .remove("rope_theta");
         });
     }
 }

@@ -73,7 +73,10 @@ pub struct Limits {
 
 impl Limits {
     /// No limit on either side.
-    pub const NONE: Limits = Limits { max_prompt_tokens: usize::MAX, max_response_tokens: usize::MAX };
+    pub const NONE: Limits = Limits {
+        max_prompt_tokens: usize::MAX,
+        max_response_tokens: usize::MAX,
+    };
 }
 
 /// One prompt and response, truncated, ready to score.
@@ -103,12 +106,20 @@ impl Sequence {
         }
 
         let eos = (!truncated).then_some(eos_id);
-        let ids: Vec<i64> =
-            prompt.iter().chain(response).chain(eos.as_ref()).map(|&id| i64::from(id)).collect();
+        let ids: Vec<i64> = prompt
+            .iter()
+            .chain(response)
+            .chain(eos.as_ref())
+            .map(|&id| i64::from(id))
+            .collect();
         if ids.len() == prompt.len() {
             return Err(LogprobError::NoResponseTokens);
         }
-        Ok(Self { ids, prompt_len: prompt.len(), truncated })
+        Ok(Self {
+            ids,
+            prompt_len: prompt.len(),
+            truncated,
+        })
     }
 
     /// Prompt ids then scored response ids (EOS included when not truncated).
@@ -153,7 +164,11 @@ pub struct Batch {
 impl Batch {
     /// Right-pads `sequences` with `pad_id` onto `device`.
     pub fn new(sequences: &[Sequence], pad_id: u32, device: Device) -> Result<Self, LogprobError> {
-        let seq_len = sequences.iter().map(|s| s.ids.len()).max().ok_or(LogprobError::EmptyBatch)?;
+        let seq_len = sequences
+            .iter()
+            .map(|s| s.ids.len())
+            .max()
+            .ok_or(LogprobError::EmptyBatch)?;
         let b_sz = sequences.len();
         let mut input_ids = vec![i64::from(pad_id); b_sz * seq_len];
         let mut key_padding = vec![false; b_sz * seq_len];
@@ -225,7 +240,10 @@ pub struct ResponseLogprobs {
 pub fn response_logprobs(model: &Llama, batch: &Batch) -> Result<ResponseLogprobs, LogprobError> {
     let vocab_size = model.config().vocab_size;
     if batch.max_id >= vocab_size {
-        return Err(LogprobError::IdOutOfRange { id: batch.max_id, vocab_size });
+        return Err(LogprobError::IdOutOfRange {
+            id: batch.max_id,
+            vocab_size,
+        });
     }
     response_logprobs_from_embeds(model, batch, &model.embed(&batch.input_ids)?)
 }
@@ -249,12 +267,18 @@ pub fn response_logprobs_from_embeds(
     let (b_sz, seq_len) = batch.input_ids.size2()?;
     let found = embeds.size();
     if found.len() != 3 || found[..2] != [b_sz, seq_len] {
-        return Err(LogprobError::EmbeddingShape { found, b_sz, seq_len });
+        return Err(LogprobError::EmbeddingShape {
+            found,
+            b_sz,
+            seq_len,
+        });
     }
 
     let hidden = model.hidden_states(embeds, Some(&batch.key_padding))?;
     let width = hidden.size().last().copied().unwrap_or(0);
-    let predicting = hidden.f_reshape([b_sz * seq_len, width])?.f_index_select(0, &batch.positions)?;
+    let predicting = hidden
+        .f_reshape([b_sz * seq_len, width])?
+        .f_index_select(0, &batch.positions)?;
     let logits = model.logits(&predicting)?.f_to_kind(Kind::Float)?;
     let logprobs = logits
         .f_log_softmax(-1, Kind::Float)?
@@ -263,7 +287,10 @@ pub fn response_logprobs_from_embeds(
 
     let zeros = Tensor::f_zeros([b_sz], (Kind::Float, logprobs.device()))?;
     let sums = zeros.f_index_add(0, &batch.rows, &logprobs)?;
-    Ok(ResponseLogprobs { sums, counts: batch.counts.clone() })
+    Ok(ResponseLogprobs {
+        sums,
+        counts: batch.counts.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -314,7 +341,13 @@ mod tests {
             max_prompt_tokens: case.max_prompt_tokens.unwrap_or(usize::MAX),
             max_response_tokens: case.max_response_tokens.unwrap_or(usize::MAX),
         };
-        Sequence::new(&case.prompt_ids, &case.response_ids, case.truncated, eos_id, limits)
+        Sequence::new(
+            &case.prompt_ids,
+            &case.response_ids,
+            case.truncated,
+            eos_id,
+            limits,
+        )
     }
 
     /// The scorable cases, checked against the reference's truncation, with their expectations.
@@ -324,7 +357,11 @@ mod tests {
             let result = sequence(case, reference.eos_token_id);
             let Some(expected) = &case.expected else {
                 let error = result.expect_err(&case.name);
-                assert!(matches!(error, LogprobError::NoResponseTokens), "{}: {error}", case.name);
+                assert!(
+                    matches!(error, LogprobError::NoResponseTokens),
+                    "{}: {error}",
+                    case.name
+                );
                 continue;
             };
             let seq = result.unwrap_or_else(|e| panic!("{}: {e}", case.name));
@@ -347,8 +384,12 @@ mod tests {
     fn assert_matches(name: &str, found: (f64, i64), expected: &Expected) {
         assert_eq!(found.1, expected.token_count, "{name}: token count");
         let diff = (found.0 - expected.logprob_sum).abs();
-        assert!(diff <= TOLERANCE, "{name}: {} vs {} (off by {diff})", found.0,
-                expected.logprob_sum);
+        assert!(
+            diff <= TOLERANCE,
+            "{name}: {} vs {} (off by {diff})",
+            found.0,
+            expected.logprob_sum
+        );
     }
 
     #[test]
@@ -364,11 +405,17 @@ mod tests {
     #[test]
     fn every_case_matches_transformers_in_one_padded_batch() {
         let reference = reference();
-        assert_eq!(reference.pad_token_id, reference.eos_token_id, "the fixture pads with EOS");
+        assert_eq!(
+            reference.pad_token_id, reference.eos_token_id,
+            "the fixture pads with EOS"
+        );
         let (_vs, model) = tiny_llama();
         let cases = scorable(&reference);
         let lengths: Vec<usize> = cases.iter().map(|(s, ..)| s.ids().len()).collect();
-        assert!(lengths.iter().min() < lengths.iter().max(), "the batch must need padding");
+        assert!(
+            lengths.iter().min() < lengths.iter().max(),
+            "the batch must need padding"
+        );
 
         let sequences: Vec<Sequence> = cases.iter().map(|(s, ..)| s.clone()).collect();
         let (sums, counts) = score(&model, &sequences, reference.pad_token_id);
@@ -393,22 +440,33 @@ mod tests {
     fn gradients_flow_to_weights_and_to_input_embeddings() {
         let reference = reference();
         let (vs, model) = tiny_llama();
-        let sequences: Vec<Sequence> =
-            scorable(&reference).into_iter().take(3).map(|c| c.0).collect();
+        let sequences: Vec<Sequence> = scorable(&reference)
+            .into_iter()
+            .take(3)
+            .map(|c| c.0)
+            .collect();
         let batch = Batch::new(&sequences, reference.pad_token_id, Device::Cpu).expect("batch");
 
         let scored = response_logprobs(&model, &batch).expect("score");
         assert!(scored.sums.requires_grad());
         scored.sums.sum(Kind::Float).backward();
         let grads = vs.trainable_variables();
-        assert!(grads.iter().all(|v| v.grad().defined()), "every weight gets a gradient");
-        assert!(!response_logprobs_no_grad(&model, &batch).expect("score").sums.requires_grad());
+        assert!(
+            grads.iter().all(|v| v.grad().defined()),
+            "every weight gets a gradient"
+        );
+        assert!(!response_logprobs_no_grad(&model, &batch)
+            .expect("score")
+            .sums
+            .requires_grad());
 
         let embeds = tch::no_grad(|| model.embed(batch.input_ids()))
             .expect("embed")
             .set_requires_grad(true);
         let from_embeds = response_logprobs_from_embeds(&model, &batch, &embeds).expect("score");
-        assert!(from_embeds.sums.allclose(&scored.sums.detach(), 1e-6, 1e-6, false));
+        assert!(from_embeds
+            .sums
+            .allclose(&scored.sums.detach(), 1e-6, 1e-6, false));
         from_embeds.sums.sum(Kind::Float).backward();
         let grad = embeds.grad();
         assert_eq!(grad.size(), embeds.size());
@@ -435,16 +493,28 @@ mod tests {
         let sums = Vec::<f64>::try_from(scored.sums.to_kind(Kind::Double)).expect("sums");
         for (i, (_, case, expected)) in cases.iter().enumerate() {
             let per_token = (sums[i] - expected.logprob_sum).abs() / expected.token_count as f64;
-            assert!(per_token < 0.05, "{}: {} vs {}", case.name, sums[i], expected.logprob_sum);
+            assert!(
+                per_token < 0.05,
+                "{}: {} vs {}",
+                case.name,
+                sums[i],
+                expected.logprob_sum
+            );
         }
     }
 
     #[test]
     fn truncation_rules() {
-        let limits = Limits { max_prompt_tokens: 3, max_response_tokens: 2 };
+        let limits = Limits {
+            max_prompt_tokens: 3,
+            max_response_tokens: 2,
+        };
         let seq = Sequence::new(&[1, 2, 3, 4, 5], &[6, 7], false, 0, limits).expect("fits");
         assert_eq!(seq.ids(), [3, 4, 5, 6, 7, 0]);
-        assert_eq!((seq.prompt_len(), seq.response_len(), seq.truncated()), (3, 3, false));
+        assert_eq!(
+            (seq.prompt_len(), seq.response_len(), seq.truncated()),
+            (3, 3, false)
+        );
 
         let seq = Sequence::new(&[1], &[6, 7, 8], false, 0, limits).expect("cut");
         assert_eq!(seq.ids(), [1, 6, 7]);
@@ -459,7 +529,10 @@ mod tests {
 
     #[test]
     fn nothing_to_score_is_an_error_never_zero() {
-        let none = Limits { max_prompt_tokens: 4, max_response_tokens: 0 };
+        let none = Limits {
+            max_prompt_tokens: 4,
+            max_response_tokens: 0,
+        };
         assert!(matches!(
             Sequence::new(&[1, 2], &[3, 4], false, 0, none),
             Err(LogprobError::NoResponseTokens)
@@ -472,12 +545,18 @@ mod tests {
             Sequence::new(&[], &[3], false, 0, Limits::NONE),
             Err(LogprobError::EmptyPrompt)
         ));
-        let no_prompt = Limits { max_prompt_tokens: 0, max_response_tokens: 4 };
+        let no_prompt = Limits {
+            max_prompt_tokens: 0,
+            max_response_tokens: 4,
+        };
         assert!(matches!(
             Sequence::new(&[1, 2], &[3], false, 0, no_prompt),
             Err(LogprobError::EmptyPrompt)
         ));
-        assert!(matches!(Batch::new(&[], 0, Device::Cpu), Err(LogprobError::EmptyBatch)));
+        assert!(matches!(
+            Batch::new(&[], 0, Device::Cpu),
+            Err(LogprobError::EmptyBatch)
+        ));
     }
 
     #[test]
@@ -487,7 +566,10 @@ mod tests {
         let b = Sequence::new(&[5], &[8], false, 0, Limits::NONE).expect("b");
         let batch = Batch::new(&[a, b], 0, Device::Cpu).expect("batch");
         let mask = Vec::<Vec<bool>>::try_from(batch.key_padding()).expect("mask");
-        assert_eq!(mask, [vec![true; 6], vec![true, true, true, false, false, false]]);
+        assert_eq!(
+            mask,
+            [vec![true; 6], vec![true, true, true, false, false, false]]
+        );
         assert_eq!(batch.counts(), [3, 2]);
         let ids = Vec::<Vec<i64>>::try_from(batch.input_ids()).expect("ids");
         assert_eq!(ids, [vec![5, 0, 6, 0, 7, 0], vec![5, 8, 0, 0, 0, 0]]);
@@ -500,7 +582,10 @@ mod tests {
         let batch = Batch::new(&[seq], 0, Device::Cpu).expect("batch");
         assert!(matches!(
             response_logprobs(&model, &batch),
-            Err(LogprobError::IdOutOfRange { id: 512, vocab_size: 512 })
+            Err(LogprobError::IdOutOfRange {
+                id: 512,
+                vocab_size: 512
+            })
         ));
     }
 }

@@ -69,7 +69,8 @@ pub enum WeightsError {
         reason: String,
     },
     /// The checkpoint lacks tensors the model needs.
-    #[error("the checkpoint lacks {} tensor(s) the model needs: {}", .names.len(), .names.join(", "))]
+    #[error("the checkpoint lacks {} tensor(s) the model needs: {}", .names.len(),
+            .names.join(", "))]
     Missing {
         /// Their names, sorted.
         names: Vec<String>,
@@ -157,7 +158,10 @@ struct Header {
 impl Header {
     /// Reads and checks the header of `path`.
     fn read(path: &Path) -> Result<Self, WeightsError> {
-        let read_err = |source| WeightsError::Read { path: path.to_owned(), source };
+        let read_err = |source| WeightsError::Read {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = File::open(path).map_err(read_err)?;
         let file_len = file.metadata().map_err(read_err)?.len();
 
@@ -165,7 +169,10 @@ impl Header {
         file.read_exact(&mut len_bytes).map_err(read_err)?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-            return Err(format_err(path, format!("header length {header_len} is impossible")));
+            return Err(format_err(
+                path,
+                format!("header length {header_len} is impossible"),
+            ));
         }
         let mut text = vec![0u8; header_len as usize];
         file.read_exact(&mut text).map_err(read_err)?;
@@ -181,17 +188,26 @@ impl Header {
                 Ok((name, entry))
             })
             .collect::<Result<_, WeightsError>>()?;
-        Ok(Self { path: path.to_owned(), entries })
+        Ok(Self {
+            path: path.to_owned(),
+            entries,
+        })
     }
 
     /// Reads one tensor's bytes into a CPU tensor of its stored dtype.
     fn tensor(&self, file: &mut File, name: &str, entry: &Entry) -> Result<Tensor, WeightsError> {
-        let read_err = |source| WeightsError::Read { path: self.path.clone(), source };
+        let read_err = |source| WeightsError::Read {
+            path: self.path.clone(),
+            source,
+        };
         let mut bytes = vec![0u8; entry.len];
         file.seek(SeekFrom::Start(entry.start)).map_err(read_err)?;
         file.read_exact(&mut bytes).map_err(read_err)?;
         Tensor::f_from_data_size(&bytes, &entry.shape, entry.kind).map_err(|source| {
-            WeightsError::Torch { name: name.to_owned(), source }
+            WeightsError::Torch {
+                name: name.to_owned(),
+                source,
+            }
         })
     }
 }
@@ -206,24 +222,39 @@ fn entry(
 ) -> Result<Entry, WeightsError> {
     let bad = |reason: String| format_err(path, format!("tensor {name}: {reason}"));
     let raw = RawEntry::deserialize(value).map_err(|e| bad(e.to_string()))?;
-    let kind = kind_of(&raw.dtype).ok_or_else(|| bad(format!("dtype {} unsupported", raw.dtype)))?;
+    let kind =
+        kind_of(&raw.dtype).ok_or_else(|| bad(format!("dtype {} unsupported", raw.dtype)))?;
     if raw.shape.iter().any(|&d| d < 0) {
         return Err(bad(format!("negative dimension in {:?}", raw.shape)));
     }
 
     let [begin, end] = raw.data_offsets;
-    let numel = raw.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let numel = raw
+        .shape
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
     let bytes = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes() as u64));
     let in_file = end >= begin && data_start.checked_add(end).is_some_and(|e| e <= file_len);
     if !in_file || bytes != Some(end - begin) {
-        let reason = format!("byte range {begin}..{end} does not hold shape {:?}", raw.shape);
+        let reason = format!(
+            "byte range {begin}..{end} does not hold shape {:?}",
+            raw.shape
+        );
         return Err(bad(reason));
     }
-    Ok(Entry { kind, shape: raw.shape, start: data_start + begin, len: (end - begin) as usize })
+    Ok(Entry {
+        kind,
+        shape: raw.shape,
+        start: data_start + begin,
+        len: (end - begin) as usize,
+    })
 }
 
 fn format_err(path: &Path, reason: String) -> WeightsError {
-    WeightsError::Format { path: path.to_owned(), reason }
+    WeightsError::Format {
+        path: path.to_owned(),
+        reason,
+    }
 }
 
 fn kind_of(dtype: &str) -> Option<Kind> {
@@ -268,11 +299,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     }
     let index = dir.join(WEIGHTS_INDEX_FILE);
     if !index.is_file() {
-        return Err(WeightsError::NoWeights { dir: dir.to_owned() });
+        return Err(WeightsError::NoWeights {
+            dir: dir.to_owned(),
+        });
     }
 
-    let text = fs::read_to_string(&index)
-        .map_err(|source| WeightsError::Read { path: index.clone(), source })?;
+    let text = fs::read_to_string(&index).map_err(|source| WeightsError::Read {
+        path: index.clone(),
+        source,
+    })?;
     let parsed: IndexFile = serde_json::from_str(&text)
         .map_err(|e| format_err(&index, format!("no `weight_map` of names to files: {e}")))?;
     let shards: BTreeSet<String> = parsed.weight_map.into_values().collect();
@@ -298,8 +333,10 @@ pub fn load(vs: &VarStore, dir: &Path, ignore: impl Fn(&str) -> bool) -> Result<
     check_names(&variables, &headers, &ignore)?;
 
     for header in &headers {
-        let mut file = File::open(&header.path)
-            .map_err(|source| WeightsError::Read { path: header.path.clone(), source })?;
+        let mut file = File::open(&header.path).map_err(|source| WeightsError::Read {
+            path: header.path.clone(),
+            source,
+        })?;
         for (name, entry) in &header.entries {
             if let Some(var) = variables.get(name) {
                 let stored = header.tensor(&mut file, name, entry)?;
@@ -363,8 +400,10 @@ fn check_shape(name: &str, var: &Tensor, entry: &Entry, path: &Path) -> Result<(
 /// Copies a stored tensor into a variable, converting dtype and device, outside autograd.
 fn copy_into(name: &str, var: &Tensor, stored: &Tensor) -> Result<(), WeightsError> {
     let mut var = var.shallow_clone();
-    tch::no_grad(|| var.f_copy_(stored))
-        .map_err(|source| WeightsError::Torch { name: name.to_owned(), source })
+    tch::no_grad(|| var.f_copy_(stored)).map_err(|source| WeightsError::Torch {
+        name: name.to_owned(),
+        source,
+    })
 }
 
 /// Writes every variable of `vs` to the safetensors file `path`, in `dtype`, sorted by name.
@@ -375,19 +414,29 @@ fn copy_into(name: &str, var: &Tensor, stored: &Tensor) -> Result<(), WeightsErr
 pub fn save(vs: &VarStore, path: &Path, dtype: SaveDtype) -> Result<(), WeightsError> {
     let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let partial = path.with_extension("safetensors.partial");
-    let write_err = |source| WeightsError::Write { path: partial.clone(), source };
+    let write_err = |source| WeightsError::Write {
+        path: partial.clone(),
+        source,
+    };
 
     let header = header_bytes(&variables, dtype.kind())?;
     let mut out = BufWriter::new(File::create(&partial).map_err(write_err)?);
-    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(write_err)?;
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(write_err)?;
     out.write_all(&header).map_err(write_err)?;
     for (name, var) in &variables {
-        out.write_all(&tensor_bytes(name, var, dtype.kind())?).map_err(write_err)?;
+        out.write_all(&tensor_bytes(name, var, dtype.kind())?)
+            .map_err(write_err)?;
     }
-    out.into_inner().map_err(|e| write_err(e.into_error()))?.sync_all().map_err(write_err)?;
+    out.into_inner()
+        .map_err(|e| write_err(e.into_error()))?
+        .sync_all()
+        .map_err(write_err)?;
 
-    fs::rename(&partial, path)
-        .map_err(|source| WeightsError::Write { path: path.to_owned(), source })
+    fs::rename(&partial, path).map_err(|source| WeightsError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The JSON header for `variables` stored as `kind`, padded with spaces to 8 bytes.
@@ -424,7 +473,10 @@ fn header_bytes(variables: &BTreeMap<String, Tensor>, kind: Kind) -> Result<Vec<
 
 /// One variable's bytes, converted to `kind` when it is floating point.
 fn tensor_bytes(name: &str, var: &Tensor, kind: Kind) -> Result<Vec<u8>, WeightsError> {
-    let torch_err = |source| WeightsError::Torch { name: name.to_owned(), source };
+    let torch_err = |source| WeightsError::Torch {
+        name: name.to_owned(),
+        source,
+    };
     let stored = match var.is_floating_point() {
         true => var.f_to_kind(kind).map_err(torch_err)?,
         false => var.shallow_clone(),
@@ -432,7 +484,9 @@ fn tensor_bytes(name: &str, var: &Tensor, kind: Kind) -> Result<Vec<u8>, Weights
     let stored = stored.f_to_device(Device::Cpu).map_err(torch_err)?;
     let numel = stored.numel();
     let mut bytes = vec![0u8; numel * stored.kind().elt_size_in_bytes()];
-    stored.f_copy_data_u8(&mut bytes, numel).map_err(torch_err)?;
+    stored
+        .f_copy_data_u8(&mut bytes, numel)
+        .map_err(torch_err)?;
     Ok(bytes)
 }
 
@@ -446,7 +500,10 @@ pub fn save_pretrained(
     dir: &Path,
     dtype: SaveDtype,
 ) -> Result<(), WeightsError> {
-    fs::create_dir_all(dir).map_err(|source| WeightsError::Write { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| WeightsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
     save(vs, &dir.join(WEIGHTS_FILE), dtype)?;
 
     let mut json = config.json.clone();
@@ -525,7 +582,11 @@ mod tests {
             .to_kind(Kind::BFloat16)
             .to_kind(Kind::Float);
         let rounded = Vec::<f32>::try_from(rounded).expect("f32 values");
-        assert_ne!(values(&source, "w"), rounded, "bf16 rounding changes random values");
+        assert_ne!(
+            values(&source, "w"),
+            rounded,
+            "bf16 rounding changes random values"
+        );
         assert_eq!(values(&target, "w"), rounded);
         assert_eq!(target.variables()["w"].kind(), Kind::Float);
     }
@@ -536,9 +597,16 @@ mod tests {
         let saved = store(&[("a", &[2]), ("b", &[3])]);
         save(&saved, &dir.path().join(WEIGHTS_FILE), SaveDtype::F32).expect("save");
 
-        let error = load(&store(&[("a", &[2]), ("b", &[3]), ("c", &[1])]), dir.path(), |_| false)
-            .expect_err("c is missing");
-        assert!(matches!(&error, WeightsError::Missing { names } if names == &["c"]), "{error}");
+        let error = load(
+            &store(&[("a", &[2]), ("b", &[3]), ("c", &[1])]),
+            dir.path(),
+            |_| false,
+        )
+        .expect_err("c is missing");
+        assert!(
+            matches!(&error, WeightsError::Missing { names } if names == &["c"]),
+            "{error}"
+        );
 
         let error = load(&store(&[("a", &[2])]), dir.path(), |_| false).expect_err("b unused");
         assert!(matches!(&error, WeightsError::Unexpected { names } if names == &["b"]));
@@ -547,7 +615,10 @@ mod tests {
         let error = load(&store(&[("a", &[2]), ("b", &[4])]), dir.path(), |_| false)
             .expect_err("b misshaped");
         let text = error.to_string();
-        assert!(text.contains("tensor b") && text.contains("[3]") && text.contains("[4]"), "{text}");
+        assert!(
+            text.contains("tensor b") && text.contains("[3]") && text.contains("[4]"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -555,10 +626,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = store(&[("a", &[2])]);
         let second = store(&[("b", &[3])]);
-        save(&first, &dir.path().join("model-00001-of-00002.safetensors"), SaveDtype::F32)
-            .expect("save");
-        save(&second, &dir.path().join("model-00002-of-00002.safetensors"), SaveDtype::F32)
-            .expect("save");
+        save(
+            &first,
+            &dir.path().join("model-00001-of-00002.safetensors"),
+            SaveDtype::F32,
+        )
+        .expect("save");
+        save(
+            &second,
+            &dir.path().join("model-00002-of-00002.safetensors"),
+            SaveDtype::F32,
+        )
+        .expect("save");
         let index = serde_json::json!({"metadata": {}, "weight_map": {
             "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}});
         fs::write(dir.path().join(WEIGHTS_INDEX_FILE), index.to_string()).expect("index");
@@ -591,7 +670,12 @@ mod tests {
     #[test]
     fn loading_fills_variables_without_recording_gradients() {
         let dir = tempfile::tempdir().expect("tempdir");
-        save(&store(&[("w", &[3])]), &dir.path().join(WEIGHTS_FILE), SaveDtype::F32).expect("save");
+        save(
+            &store(&[("w", &[3])]),
+            &dir.path().join(WEIGHTS_FILE),
+            SaveDtype::F32,
+        )
+        .expect("save");
         let target = store(&[("w", &[3])]);
         load(&target, dir.path(), |_| false).expect("load");
         let var = target.variables().remove("w").expect("w");
