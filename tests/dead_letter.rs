@@ -63,9 +63,10 @@ fn corpus() -> Vec<(Option<Vec<u8>>, &'static str)> {
             "missing_field",
         ),
         (
-            v1(
-                r#""prompt":"hi","responses":[{"text":"a"},{"text":"b"},{"text":"c"}],"preference":0"#,
-            ),
+            v1(concat!(
+                r#""prompt":"hi","responses":[{"text":"a"},"#,
+                r#"{"text":"b"},{"text":"c"}],"preference":0"#
+            )),
             "bad_shape",
         ),
         (
@@ -112,21 +113,24 @@ fn corpus() -> Vec<(Option<Vec<u8>>, &'static str)> {
             "bad_preference",
         ),
         (
-            v1(
-                r#""prompt":"hi","responses":[{"text":"a","scores":{"helpful":1e400}},{"text":"b","scores":{"helpful":1}}]"#,
-            ),
+            v1(concat!(
+                r#""prompt":"hi","responses":[{"text":"a","scores":{"helpful":1e400}},"#,
+                r#"{"text":"b","scores":{"helpful":1}}]"#
+            )),
             "non_finite_score",
         ),
         (
-            v1(
-                r#""prompt":"hi","responses":[{"text":"a","scores":{"creativity":1}},{"text":"b","scores":{"creativity":2}}]"#,
-            ),
+            v1(concat!(
+                r#""prompt":"hi","responses":[{"text":"a","scores":{"creativity":1}},"#,
+                r#"{"text":"b","scores":{"creativity":2}}]"#
+            )),
             "unknown_objective",
         ),
         (
-            v1(
-                r#""prompt":"hi","responses":[{"text":"a","policy_version":-1},{"text":"b"}],"preference":0"#,
-            ),
+            v1(concat!(
+                r#""prompt":"hi","responses":[{"text":"a","policy_version":-1},"#,
+                r#"{"text":"b"}],"preference":0"#
+            )),
             "bad_policy_version",
         ),
         (

@@ -164,7 +164,7 @@ impl ConsumerContext for IngestContext {
         let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
         info!(?partitions, "partitions revoked");
         if let Err(error) = self.checkpointer.checkpoint(consumer, &partitions) {
-            warn!(%error, "checkpoint on revoke failed; the next owner re-reads from the last commit");
+            warn!(%error, "checkpoint on revoke failed; the next owner reads from the last commit");
         }
         self.revoked
             .lock()

@@ -238,14 +238,20 @@ pub struct ResponseLogprobs {
 /// Scores `batch` with `model`. Gradients flow to the model's trainable variables unless the
 /// caller is in a no-grad scope; see [`response_logprobs_no_grad`] for reference scoring.
 pub fn response_logprobs(model: &Llama, batch: &Batch) -> Result<ResponseLogprobs, LogprobError> {
+    // Checked on the host: an out-of-range id is a device-side assert on CUDA.
+    check_vocab(model, batch)?;
+    response_logprobs_from_embeds(model, batch, &model.embed(&batch.input_ids)?)
+}
+
+fn check_vocab(model: &Llama, batch: &Batch) -> Result<(), LogprobError> {
     let vocab_size = model.config().vocab_size;
-    if batch.max_id >= vocab_size {
-        return Err(LogprobError::IdOutOfRange {
+    match batch.max_id < vocab_size {
+        true => Ok(()),
+        false => Err(LogprobError::IdOutOfRange {
             id: batch.max_id,
             vocab_size,
-        });
+        }),
     }
-    response_logprobs_from_embeds(model, batch, &model.embed(&batch.input_ids)?)
 }
 
 /// [`response_logprobs`] without building an autograd graph (reference model, evaluation).
@@ -264,6 +270,7 @@ pub fn response_logprobs_from_embeds(
     batch: &Batch,
     embeds: &Tensor,
 ) -> Result<ResponseLogprobs, LogprobError> {
+    check_vocab(model, batch)?;
     let (b_sz, seq_len) = batch.input_ids.size2()?;
     let found = embeds.size();
     if found.len() != 3 || found[..2] != [b_sz, seq_len] {

@@ -159,8 +159,9 @@ impl PolicyTokenizer {
     ///
     /// The stop ids are `generation_config.json`'s `eos_token_id` (an id or a list), followed
     /// by `tokenizer_config.json`'s `eos_token` when the list lacks it, since serving stacks
-    /// such as vLLM stop on both; the folder must name at least one. The pad id is `tokenizer_config.json`'s `pad_token`, else
-    /// `generation_config.json`'s `pad_token_id`, else [`eos_id`](Self::eos_id).
+    /// such as vLLM stop on both; the folder must name at least one. The pad id is
+    /// `tokenizer_config.json`'s `pad_token`, else `generation_config.json`'s `pad_token_id`,
+    /// else [`eos_id`](Self::eos_id).
     ///
     /// Without any chat template, a prompt is its turns' contents joined by
     /// [`TURN_SEPARATOR`], with no role markers: fit for base models only.
