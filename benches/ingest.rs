@@ -70,19 +70,16 @@ fn raw(bootstrap: &str, n: usize) -> f64 {
     seconds
 }
 
-fn parse_and_append(bootstrap: &str, n: usize) -> f64 {
+/// Consumes the topic, turns every message into a row and appends rows in batches.
+fn consume_into_buffer(
+    bootstrap: &str,
+    n: usize,
+    mut to_row: impl FnMut(&OwnedMessage) -> PairRecord,
+) -> f64 {
     let mut buffer = RollingBuffer::new(limits());
     let mut pending = Vec::new();
-    let event_limits = EventLimits::default();
     let seconds = consume_all(bootstrap, n, |message| {
-        let event = parse_event(message.payload(), &event_limits).expect("valid");
-        pending.push(PairRecord {
-            id: event.id,
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            ..PairRecord::default()
-        });
+        pending.push(to_row(&message));
         if pending.len() == APPEND_BATCH {
             buffer
                 .append(std::mem::take(&mut pending), 0)
@@ -93,19 +90,16 @@ fn parse_and_append(bootstrap: &str, n: usize) -> f64 {
     seconds
 }
 
-fn tokenize_and_append(bootstrap: &str, n: usize, converter: &Converter) -> f64 {
-    let mut buffer = RollingBuffer::new(limits());
-    let mut pending = Vec::new();
-    let seconds = consume_all(bootstrap, n, |message| {
-        pending.push(converter.convert(&message, 0).expect("valid"));
-        if pending.len() == APPEND_BATCH {
-            buffer
-                .append(std::mem::take(&mut pending), 0)
-                .expect("append");
-        }
-    });
-    buffer.append(pending, 0).expect("append");
-    seconds
+/// A row with the event's id and coordinates but no token ids.
+fn untokenized_row(message: &OwnedMessage, limits: &EventLimits) -> PairRecord {
+    let event = parse_event(message.payload(), limits).expect("valid");
+    PairRecord {
+        id: event.id,
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        ..PairRecord::default()
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -140,8 +134,13 @@ fn main() {
     let mut rows = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..ROUNDS {
         rows[0].push(raw(&broker.bootstrap, n));
-        rows[1].push(parse_and_append(&broker.bootstrap, n));
-        rows[2].push(tokenize_and_append(&broker.bootstrap, n, &converter));
+        let limits = EventLimits::default();
+        rows[1].push(consume_into_buffer(&broker.bootstrap, n, |m| {
+            untokenized_row(m, &limits)
+        }));
+        rows[2].push(consume_into_buffer(&broker.bootstrap, n, |m| {
+            converter.convert(m, 0).expect("valid")
+        }));
     }
     let seconds: Vec<f64> = rows.into_iter().map(median).collect();
     let rate = |s: f64| n as f64 / s;
