@@ -218,36 +218,29 @@ impl Attention {
         let k = rope.apply(&heads(&self.k_proj, self.num_kv_heads)?)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
 
-        let ys = match mask {
-            None => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                true,
-                None,
-                self.num_kv_heads != self.num_heads,
-            )?,
-            // Kernels that take a mask do not all take `enable_gqa`: share the heads here.
-            Some(mask) => {
-                let (k, v) = (self.repeat_kv(&k)?, self.repeat_kv(&v)?);
-                Tensor::f_scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    Some(mask),
-                    0.0,
-                    false,
-                    None,
-                    false,
-                )?
-            }
-        };
-        let ys =
-            ys.f_transpose(1, 2)?
-                .f_reshape([b_sz, seq_len, self.num_heads * self.head_dim])?;
+        let ys = self.attend(&q, &k, &v, mask)?.f_transpose(1, 2)?;
+        let ys = ys.f_reshape([b_sz, seq_len, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&ys)
+    }
+
+    /// Scaled dot-product attention, causal when `mask` is `None`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor, TchError> {
+        // Kernels that take a mask do not all take `enable_gqa`: share the heads here then.
+        let (k, v, gqa) = match mask {
+            None => (
+                k.shallow_clone(),
+                v.shallow_clone(),
+                self.num_kv_heads != self.num_heads,
+            ),
+            Some(_) => (self.repeat_kv(k)?, self.repeat_kv(v)?, false),
+        };
+        Tensor::f_scaled_dot_product_attention(q, &k, &v, mask, 0.0, mask.is_none(), None, gqa)
     }
 
     /// `[b, kv_heads, t, d] -> [b, heads, t, d]`, query head `h` reading kv head `h / n_rep`.

@@ -1,6 +1,12 @@
-//! The policy model: its tokenizer and chat template.
+//! The policy model: a Llama-family causal LM in tch, its configuration, strict safetensors
+//! loading and saving in the Hugging Face layout, exact response log-probabilities, and the
+//! tokenizer with its chat template.
 
+pub mod config;
+pub mod llama;
+pub mod logprobs;
 pub mod tokenizer;
+pub mod weights;
 
 use crate::event::Content;
 use crate::ingest::convert::EncodePair;
