@@ -31,7 +31,8 @@ pub(crate) mod name {
     pub(crate) const PROMPT_IDS: &str = "prompt_ids";
     pub(crate) const RESPONSE_A_IDS: &str = "response_a_ids";
     pub(crate) const RESPONSE_B_IDS: &str = "response_b_ids";
-    pub(crate) const TRUNCATED: &str = "truncated";
+    pub(crate) const TRUNCATED_A: &str = "truncated_a";
+    pub(crate) const TRUNCATED_B: &str = "truncated_b";
     pub(crate) const PREFERENCE: &str = "preference";
     pub(crate) const CONFIDENCE: &str = "confidence";
     pub(crate) const SCORES_A: &str = "scores_a";
@@ -49,15 +50,15 @@ pub(crate) mod name {
 pub const SCHEMA_VERSION_KEY: &str = "rebeld.pair_schema_version";
 
 /// Version of the pair schema written under [`SCHEMA_VERSION_KEY`].
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 /// Bytes every row is charged whatever its contents; see
 /// [`RollingBuffer::bytes`](super::RollingBuffer::bytes).
 ///
 /// 7 Utf8 and 3 token-list and 2 map columns at 4 offset bytes each (48); partition 4,
-/// offset 8, event and ingest time 8 each (28); truncated 1, preference 1, confidence 4 (6);
-/// two policy versions 8 each (16); `times_trained` 4.
-pub const FIXED_ROW_BYTES: usize = 48 + 28 + 6 + 16 + 4;
+/// offset 8, event and ingest time 8 each (28); two truncation flags 1 each, preference 1,
+/// confidence 4 (7); two policy versions 8 each (16); `times_trained` 4.
+pub const FIXED_ROW_BYTES: usize = 48 + 28 + 7 + 16 + 4;
 
 /// Bytes one token id is charged.
 const TOKEN_BYTES: usize = 4;
@@ -76,7 +77,7 @@ const SCORE_ENTRY_BYTES: usize = 12;
 /// | `event_time` | Timestamp(ms, "UTC") | yes |
 /// | `ingest_time` | Timestamp(ms, "UTC") | no |
 /// | `prompt_ids`, `response_a_ids`, `response_b_ids` | List<item: UInt32 not null> | no |
-/// | `truncated` | Boolean | no |
+/// | `truncated_a`, `truncated_b` | Boolean | no |
 /// | `preference` | Int8 (0 = A, 1 = B, 2 = tie) | yes |
 /// | `confidence` | Float32 | yes |
 /// | `scores_a`, `scores_b` | Map<keys: Utf8, values: Float64>, entries unsorted | no |
@@ -101,7 +102,8 @@ fn build_schema() -> SchemaRef {
         Field::new(name::PROMPT_IDS, token_list_type(), false),
         Field::new(name::RESPONSE_A_IDS, token_list_type(), false),
         Field::new(name::RESPONSE_B_IDS, token_list_type(), false),
-        Field::new(name::TRUNCATED, DataType::Boolean, false),
+        Field::new(name::TRUNCATED_A, DataType::Boolean, false),
+        Field::new(name::TRUNCATED_B, DataType::Boolean, false),
         Field::new(name::PREFERENCE, DataType::Int8, true),
         Field::new(name::CONFIDENCE, DataType::Float32, true),
         Field::new(name::SCORES_A, score_map_type(), false),
@@ -167,7 +169,12 @@ pub(crate) fn encode(records: &[PairRecord]) -> Result<RecordBatch, BufferError>
         e.tokens(name::PROMPT_IDS, |r| &r.prompt_ids)?,
         e.tokens(name::RESPONSE_A_IDS, |r| &r.response_a_ids)?,
         e.tokens(name::RESPONSE_B_IDS, |r| &r.response_b_ids)?,
-        Arc::new(BooleanArray::from_iter(records.iter().map(|r| r.truncated))),
+        Arc::new(BooleanArray::from_iter(
+            records.iter().map(|r| r.truncated_a),
+        )),
+        Arc::new(BooleanArray::from_iter(
+            records.iter().map(|r| r.truncated_b),
+        )),
         e.optional::<Int8Type>(|r| r.preference.map(Preference::code)),
         e.optional::<Float32Type>(|r| r.confidence),
         e.scores(name::SCORES_A, |r| &r.scores_a)?,
@@ -430,7 +437,8 @@ pub(crate) struct PairColumns {
     prompt: TokenColumn,
     response_a: TokenColumn,
     response_b: TokenColumn,
-    truncated: BooleanArray,
+    truncated_a: BooleanArray,
+    truncated_b: BooleanArray,
     preference: Int8Array,
     confidence: Float32Array,
     scores_a: ScoreColumn,
@@ -460,7 +468,8 @@ impl PairColumns {
             prompt: TokenColumn::new(column(b, name::PROMPT_IDS)?, name::PROMPT_IDS)?,
             response_a: TokenColumn::new(column(b, name::RESPONSE_A_IDS)?, name::RESPONSE_A_IDS)?,
             response_b: TokenColumn::new(column(b, name::RESPONSE_B_IDS)?, name::RESPONSE_B_IDS)?,
-            truncated: column(b, name::TRUNCATED)?,
+            truncated_a: column(b, name::TRUNCATED_A)?,
+            truncated_b: column(b, name::TRUNCATED_B)?,
             preference: column(b, name::PREFERENCE)?,
             confidence: column(b, name::CONFIDENCE)?,
             scores_a: ScoreColumn::new(column(b, name::SCORES_A)?, name::SCORES_A)?,
@@ -491,7 +500,8 @@ impl PairColumns {
             prompt: self.prompt.slice(offset, len),
             response_a: self.response_a.slice(offset, len),
             response_b: self.response_b.slice(offset, len),
-            truncated: self.truncated.slice(offset, len),
+            truncated_a: self.truncated_a.slice(offset, len),
+            truncated_b: self.truncated_b.slice(offset, len),
             preference: self.preference.slice(offset, len),
             confidence: self.confidence.slice(offset, len),
             scores_a: self.scores_a.slice(offset, len),
@@ -574,7 +584,8 @@ impl PairColumns {
             prompt_ids: self.prompt.tokens(row).to_vec(),
             response_a_ids: self.response_a.tokens(row).to_vec(),
             response_b_ids: self.response_b.tokens(row).to_vec(),
-            truncated: self.truncated.value(row),
+            truncated_a: self.truncated_a.value(row),
+            truncated_b: self.truncated_b.value(row),
             preference: self.preference(row)?,
             confidence: optional(&self.confidence, row),
             scores_a: self.scores_a.scores(row),

@@ -437,9 +437,9 @@ fn bytes_follow_arrow_buffers() {
         .map(|c| buffer_len(&c.to_data()))
         .sum();
     let n = batch.num_rows();
-    // Rule minus times_trained (4) and the boolean's byte, plus the boolean's bits, plus the
-    // leading offset of 7 strings, 3 lists, 2 maps and the maps' 2 key columns.
-    let expected = buffer.bytes() - 4 * n - n + n.div_ceil(8) + 4 * (7 + 3 + 2 + 2);
+    // Rule minus times_trained (4) and the two booleans' bytes, plus the booleans' bits, plus
+    // the leading offset of 7 strings, 3 lists, 2 maps and the maps' 2 key columns.
+    let expected = buffer.bytes() - 4 * n - 2 * n + 2 * n.div_ceil(8) + 4 * (7 + 3 + 2 + 2);
     assert_eq!(arrow_bytes, expected);
 }
 

@@ -59,8 +59,10 @@ pub struct PairRecord {
     pub response_a_ids: Vec<u32>,
     /// Token ids of response B.
     pub response_b_ids: Vec<u32>,
-    /// Whether a response was cut at `max_response_tokens`.
-    pub truncated: bool,
+    /// Whether response A was cut at `max_response_tokens` (then it gets no EOS).
+    pub truncated_a: bool,
+    /// Whether response B was cut at `max_response_tokens`.
+    pub truncated_b: bool,
     /// The stated preference; `None` when the event carried scores only.
     pub preference: Option<Preference>,
     /// How sure the labeller was of the preference, when the event says.

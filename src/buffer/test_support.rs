@@ -12,11 +12,12 @@ pub(crate) const ID_POOL: u32 = 40;
 /// The bytes a record should be charged, computed from the record alone, following the
 /// documented rule rather than the Arrow code: 4-byte offsets for the 7 strings, 3 token
 /// lists and 2 score maps; fixed widths partition 4, offset 8, two timestamps 8 each,
-/// truncated 1, preference 1, confidence 4, two policy versions 8 each, times_trained 4;
+/// two truncation flags 1 each, preference 1, confidence 4, two policy versions 8 each,
+/// times_trained 4;
 /// then string bytes, 4 per token, and 4 + 8 + name bytes per score.
 pub(crate) fn expected_row_bytes(r: &PairRecord) -> usize {
     let offsets = 4 * (7 + 3 + 2);
-    let fixed = 4 + 8 + 8 + 8 + 1 + 1 + 4 + 8 + 8 + 4;
+    let fixed = 4 + 8 + 8 + 8 + 1 + 1 + 1 + 4 + 8 + 8 + 4;
     let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     let strings = r.id.len()
         + r.topic.len()
@@ -63,7 +64,7 @@ pub(crate) fn record() -> impl Strategy<Value = PairRecord> {
         option::of(0..10_000_i64),
         0..300_i64,
     );
-    let tokens = (tokens(), tokens(), tokens(), any::<bool>());
+    let tokens = (tokens(), tokens(), tokens(), any::<(bool, bool)>());
     let labels = (preference(), option::of(0.0..1.0_f32), scores(), scores());
     let extras = (
         option::of(any::<u64>()),
@@ -88,7 +89,8 @@ pub(crate) fn record() -> impl Strategy<Value = PairRecord> {
         prompt_ids: t.0,
         response_a_ids: t.1,
         response_b_ids: t.2,
-        truncated: t.3,
+        truncated_a: t.3 .0,
+        truncated_b: t.3 .1,
         preference: l.0,
         confidence: l.1,
         scores_a: l.2,

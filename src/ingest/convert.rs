@@ -79,7 +79,8 @@ impl Converter {
             prompt_ids,
             response_a_ids,
             response_b_ids,
-            truncated: cut_a || cut_b,
+            truncated_a: cut_a,
+            truncated_b: cut_b,
             preference: event.preference.map(stored_preference),
             confidence: event.confidence.map(|c| c as f32),
             scores_a: first.scores.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -214,7 +215,7 @@ mod tests {
         assert_eq!(record.prompt_ids, b"23456789".map(u32::from).to_vec());
         assert_eq!(record.response_a_ids, b"abcd".map(u32::from).to_vec());
         assert_eq!(record.response_b_ids, b"xy".map(u32::from).to_vec());
-        assert!(record.truncated);
+        assert!(record.truncated_a && !record.truncated_b);
         assert_eq!(record.preference, Some(StoredPreference::B));
         assert_eq!(record.scores_b, vec![("help".to_owned(), 1.5)]);
         assert_eq!(
