@@ -18,6 +18,7 @@ use crate::ingest::{now_ms, Ingest, IngestError, IngestParts};
 use crate::metrics::{BuildFacts, Metrics, MetricsError};
 use crate::model::tokenizer::{PolicyTokenizer, TokenizerError};
 use crate::supervisor::{Supervisor, SupervisorError};
+use crate::train::task::TrainTask;
 use crate::version::{VersionReport, LIBTORCH_VERSION, REBELD_VERSION};
 
 /// Why the daemon could not start or did not stop cleanly.
@@ -97,7 +98,7 @@ pub async fn run(
     let ingest = start_ingest(
         &config,
         &brokers,
-        shared,
+        shared.clone(),
         metrics.clone(),
         readiness.clone(),
     )?;
@@ -105,6 +106,19 @@ pub async fn run(
         "ingest",
         |token| async move { Ok(ingest.run(token).await?) },
     );
+    let trainer = TrainTask {
+        train: config.train.clone(),
+        model: config.model.clone(),
+        buffer: config.buffer.clone(),
+        device,
+        shared,
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+    };
+    supervisor.spawn("trainer", |token| async move {
+        tokio::task::spawn_blocking(move || trainer.run(&token)).await??;
+        Ok(())
+    });
 
     info!(
         device = %device_name(device),

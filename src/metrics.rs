@@ -12,11 +12,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::buffer::{BufferStats, Evicted};
+use crate::train::step::{SkipReason, StepReport};
 
 /// A catalogue entry: name, help and label names. Tests check dashboards against this list.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +134,86 @@ pub mod ingest {
     );
 }
 
+/// Training catalogue entries.
+pub mod train {
+    use super::MetricSpec;
+
+    const fn spec(name: &'static str, help: &'static str) -> MetricSpec {
+        MetricSpec {
+            name,
+            help,
+            labels: &[],
+        }
+    }
+
+    /// Optimizer steps applied.
+    pub const STEPS: MetricSpec = spec(
+        "rebeld_train_steps_total",
+        "Optimizer steps applied to the policy.",
+    );
+    /// Steps skipped, by cause.
+    pub const SKIPPED: MetricSpec = MetricSpec {
+        name: "rebeld_train_skipped_steps_total",
+        help: "Training steps skipped with the weights untouched, by cause.",
+        labels: &["cause"],
+    };
+    /// Pairs left out of training.
+    pub const UNUSABLE: MetricSpec = spec(
+        "rebeld_train_unusable_pairs_total",
+        "Sampled pairs left out of a step (no usable reward, or no response token to score).",
+    );
+    /// Mean pointwise loss.
+    pub const LOSS: MetricSpec = spec(
+        "rebeld_train_loss",
+        "Mean pointwise REBEL loss of the last step.",
+    );
+    /// Robust objective.
+    pub const ROBUST_LOSS: MetricSpec = spec(
+        "rebeld_train_robust_loss",
+        "The last step's objective: the worst case over the ambiguity set (the mean for rebel).",
+    );
+    /// Dual variable.
+    pub const DUAL: MetricSpec = spec(
+        "rebeld_train_dual_variable",
+        "The dual variable of the last step: c* for chi2, the temperature for kl.",
+    );
+    /// Effective sample fraction.
+    pub const ESS: MetricSpec = spec(
+        "rebeld_train_effective_sample_fraction",
+        "1 / sum of squared robust weights, as a fraction of the batch (1 = uniform).",
+    );
+    /// Largest weight.
+    pub const MAX_WEIGHT: MetricSpec = spec(
+        "rebeld_train_max_weight",
+        "Largest robust weight of the last step.",
+    );
+    /// Zero-weight share.
+    pub const ZERO_WEIGHTS: MetricSpec = spec(
+        "rebeld_train_zero_weight_share",
+        "Share of the last step's pairs whose robust weight is exactly zero.",
+    );
+    /// Gradient norm.
+    pub const GRAD_NORM: MetricSpec = spec(
+        "rebeld_train_gradient_norm",
+        "Global L2 norm of the last step's gradient, before clipping.",
+    );
+    /// Learning rate.
+    pub const LEARNING_RATE: MetricSpec = spec(
+        "rebeld_train_learning_rate",
+        "Learning rate of the last step.",
+    );
+    /// Tokens per second.
+    pub const TOKENS_PER_SECOND: MetricSpec = spec(
+        "rebeld_train_tokens_per_second",
+        "Prompt and response tokens of the last step over its wall time.",
+    );
+    /// Step duration.
+    pub const STEP_SECONDS: MetricSpec = spec(
+        "rebeld_train_step_duration_seconds",
+        "Wall time of a training step (anchor log-probs, forward, backward, optimizer).",
+    );
+}
+
 /// Every metric rebeld registers itself (the `process_*` family comes from the
 /// `prometheus` crate's process collector).
 pub const CATALOGUE: &[MetricSpec] = &[
@@ -153,7 +234,97 @@ pub const CATALOGUE: &[MetricSpec] = &[
     ingest::BUFFER_BYTES,
     ingest::EVICTIONS,
     ingest::EVICTED_NEVER_TRAINED,
+    train::STEPS,
+    train::SKIPPED,
+    train::UNUSABLE,
+    train::LOSS,
+    train::ROBUST_LOSS,
+    train::DUAL,
+    train::ESS,
+    train::MAX_WEIGHT,
+    train::ZERO_WEIGHTS,
+    train::GRAD_NORM,
+    train::LEARNING_RATE,
+    train::TOKENS_PER_SECOND,
+    train::STEP_SECONDS,
 ];
+
+/// Training metrics.
+#[derive(Clone)]
+pub struct TrainMetrics {
+    /// See [`train::STEPS`].
+    pub steps: IntCounter,
+    /// See [`train::SKIPPED`].
+    pub skipped: IntCounterVec,
+    /// See [`train::UNUSABLE`].
+    pub unusable_pairs: IntCounter,
+    /// See [`train::LOSS`].
+    pub loss: Gauge,
+    /// See [`train::ROBUST_LOSS`].
+    pub robust_loss: Gauge,
+    /// See [`train::DUAL`].
+    pub dual: Gauge,
+    /// See [`train::ESS`].
+    pub effective_sample_fraction: Gauge,
+    /// See [`train::MAX_WEIGHT`].
+    pub max_weight: Gauge,
+    /// See [`train::ZERO_WEIGHTS`].
+    pub zero_weight_share: Gauge,
+    /// See [`train::GRAD_NORM`].
+    pub gradient_norm: Gauge,
+    /// See [`train::LEARNING_RATE`].
+    pub learning_rate: Gauge,
+    /// See [`train::TOKENS_PER_SECOND`].
+    pub tokens_per_second: Gauge,
+    /// See [`train::STEP_SECONDS`].
+    pub step_seconds: Histogram,
+}
+
+impl TrainMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge = |spec: MetricSpec| Gauge::with_opts(opts(spec));
+        let metrics = Self {
+            steps: IntCounter::with_opts(opts(train::STEPS))?,
+            skipped: IntCounterVec::new(opts(train::SKIPPED), train::SKIPPED.labels)?,
+            unusable_pairs: IntCounter::with_opts(opts(train::UNUSABLE))?,
+            loss: gauge(train::LOSS)?,
+            robust_loss: gauge(train::ROBUST_LOSS)?,
+            dual: gauge(train::DUAL)?,
+            effective_sample_fraction: gauge(train::ESS)?,
+            max_weight: gauge(train::MAX_WEIGHT)?,
+            zero_weight_share: gauge(train::ZERO_WEIGHTS)?,
+            gradient_norm: gauge(train::GRAD_NORM)?,
+            learning_rate: gauge(train::LEARNING_RATE)?,
+            tokens_per_second: gauge(train::TOKENS_PER_SECOND)?,
+            step_seconds: Histogram::with_opts(
+                HistogramOpts::new(train::STEP_SECONDS.name, train::STEP_SECONDS.help)
+                    .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
+            )?,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+            Box::new(metrics.steps.clone()),
+            Box::new(metrics.skipped.clone()),
+            Box::new(metrics.unusable_pairs.clone()),
+            Box::new(metrics.loss.clone()),
+            Box::new(metrics.robust_loss.clone()),
+            Box::new(metrics.dual.clone()),
+            Box::new(metrics.effective_sample_fraction.clone()),
+            Box::new(metrics.max_weight.clone()),
+            Box::new(metrics.zero_weight_share.clone()),
+            Box::new(metrics.gradient_norm.clone()),
+            Box::new(metrics.learning_rate.clone()),
+            Box::new(metrics.tokens_per_second.clone()),
+            Box::new(metrics.step_seconds.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector)?;
+        }
+        for cause in ["non_finite_loss", "non_finite_gradient"] {
+            metrics.skipped.with_label_values(&[cause]);
+        }
+        Ok(metrics)
+    }
+}
 
 /// Ingest and buffer metrics.
 #[derive(Clone)]
@@ -258,6 +429,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Ingest and buffer.
     pub ingest: IngestMetrics,
+    /// Training.
+    pub train: TrainMetrics,
 }
 
 /// Facts reported by [`BUILD_INFO`].
@@ -298,12 +471,44 @@ impl Metrics {
         ))?;
 
         let ingest = IngestMetrics::register(&registry)?;
+        let train = TrainMetrics::register(&registry)?;
 
         Ok(Arc::new(Self {
             registry,
             http_requests,
             ingest,
+            train,
         }))
+    }
+
+    /// Gauges and counters after a training step.
+    pub fn record_step(&self, report: &StepReport, elapsed: std::time::Duration) {
+        let train = &self.train;
+        train.step_seconds.observe(elapsed.as_secs_f64());
+        if let Some(cause) = report.skipped {
+            let label = match cause {
+                SkipReason::NonFiniteLoss => "non_finite_loss",
+                SkipReason::NonFiniteGradient => "non_finite_gradient",
+            };
+            train.skipped.with_label_values(&[label]).inc();
+            return;
+        }
+        train.steps.inc();
+        train.loss.set(report.loss);
+        train.robust_loss.set(report.robust_loss);
+        if report.dual.is_finite() {
+            train.dual.set(report.dual);
+        }
+        train
+            .effective_sample_fraction
+            .set(report.effective_sample_fraction);
+        train.max_weight.set(report.max_weight);
+        train.zero_weight_share.set(report.zero_weight_share);
+        train.gradient_norm.set(report.grad_norm);
+        train.learning_rate.set(report.learning_rate);
+        train
+            .tokens_per_second
+            .set(report.tokens as f64 / elapsed.as_secs_f64().max(1e-9));
     }
 
     /// Buffer gauges after an append, and the evictions it caused.

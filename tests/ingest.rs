@@ -48,6 +48,15 @@ fn every_hh_pair_lands_in_the_buffer_exactly_once() {
     wait_for("every pair in the buffer", Duration::from_secs(120), || {
         daemon.metric("rebeld_buffer_rows") == Some(HH_PAIRS as f64)
     });
+    wait_for(
+        "training steps on the ingested pairs",
+        Duration::from_secs(120),
+        || {
+            daemon
+                .metric("rebeld_train_steps_total")
+                .is_some_and(|steps| steps >= 3.0)
+        },
+    );
 
     let status = daemon.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}");

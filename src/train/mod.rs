@@ -5,9 +5,11 @@
 //!   ambiguity set, and the weights that attain it;
 //! - [`schedule`]: the learning-rate schedule;
 //! - [`step`]: one optimizer step over a batch, with gradient accumulation and skips of
-//!   non-finite steps.
+//!   non-finite steps;
+//! - [`task`]: the daemon's trainer loop over the buffer.
 
 pub mod reward;
 pub mod robust;
 pub mod schedule;
 pub mod step;
+pub mod task;
