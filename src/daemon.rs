@@ -35,6 +35,14 @@ pub enum DaemonError {
         /// The failure.
         source: std::io::Error,
     },
+    /// Another rebeld holds the data folder.
+    #[error(
+        "data folder {path} is in use by another rebeld process (it holds {path}/{LOCK_FILE})"
+    )]
+    DataDirInUse {
+        /// The folder.
+        path: std::path::PathBuf,
+    },
     /// A listener could not be opened.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -72,6 +80,7 @@ pub async fn run(
     let device = versions.devices.resolve(config.runtime.device)?;
     configure_torch(&config);
     create_data_dir(&config)?;
+    let _lock = lock_data_dir(&config)?;
 
     let metrics = Metrics::new(&BuildFacts {
         version: REBELD_VERSION.to_owned(),
@@ -133,6 +142,32 @@ pub async fn run(
         .await?;
     info!("rebeld stopped");
     Ok(())
+}
+
+/// File in the data folder that a running daemon holds an exclusive lock on.
+pub const LOCK_FILE: &str = "rebeld.lock";
+
+/// Takes the data folder for this process: two daemons writing one snapshot would each
+/// overwrite the other's rows. The lock lasts as long as the returned file is open.
+fn lock_data_dir(config: &Config) -> Result<std::fs::File, DaemonError> {
+    let path = &config.runtime.data_dir;
+    let io_error = |source| DaemonError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join(LOCK_FILE))
+        .map_err(io_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(DaemonError::DataDirInUse { path: path.clone() })
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(io_error(source)),
+    }
 }
 
 /// The last snapshot, or an empty buffer.
@@ -236,7 +271,7 @@ fn create_data_dir(config: &Config) -> Result<(), DaemonError> {
 /// Starts the embedded cluster when configured; returns the bootstrap list either way.
 fn start_brokers(config: &Config, supervisor: &mut Supervisor) -> Result<String, DaemonError> {
     let Brokers::Bootstrap(list) = &config.kafka.brokers else {
-        let cluster = EmbeddedKafka::start(&config.kafka)?;
+        let mut cluster = EmbeddedKafka::start(&config.kafka)?;
         let bootstrap = cluster.bootstrap_servers().to_owned();
         let file = cluster.write_bootstrap_file(&config.runtime.data_dir)?;
         info!(bootstrap = %bootstrap, file = %file.display(), "embedded Kafka cluster started");

@@ -38,6 +38,7 @@ pub enum EmbeddedKafkaError {
 /// A running mock cluster; dropping it stops the cluster.
 pub struct EmbeddedKafka {
     bootstrap: String,
+    bootstrap_file: Option<PathBuf>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -67,6 +68,7 @@ impl EmbeddedKafka {
             .map_err(|_| EmbeddedKafkaError::ThreadEnded)??;
         Ok(Self {
             bootstrap,
+            bootstrap_file: None,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -78,7 +80,8 @@ impl EmbeddedKafka {
     }
 
     /// Writes the bootstrap address to `<data_dir>/embedded-brokers`.
-    pub fn write_bootstrap_file(&self, data_dir: &Path) -> Result<PathBuf, EmbeddedKafkaError> {
+    /// The file is removed when the cluster stops, so no tool dials a dead port.
+    pub fn write_bootstrap_file(&mut self, data_dir: &Path) -> Result<PathBuf, EmbeddedKafkaError> {
         let path = data_dir.join(BOOTSTRAP_FILE);
         std::fs::write(&path, format!("{}\n", self.bootstrap)).map_err(|source| {
             EmbeddedKafkaError::Io {
@@ -86,12 +89,16 @@ impl EmbeddedKafka {
                 source,
             }
         })?;
+        self.bootstrap_file = Some(path.clone());
         Ok(path)
     }
 }
 
 impl Drop for EmbeddedKafka {
     fn drop(&mut self) {
+        if let Some(file) = self.bootstrap_file.take() {
+            let _ = std::fs::remove_file(file);
+        }
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use sha2::{Digest, Sha256};
@@ -83,7 +84,7 @@ pub enum ReplayError {
     },
     /// The producer could not be created.
     #[error("kafka producer: {0}")]
-    Producer(#[from] rdkafka::error::KafkaError),
+    Producer(#[from] KafkaError),
     /// The broker refused or timed out a delivery.
     #[error("delivery to {topic} failed after {sent} events: {source}")]
     Delivery {
@@ -92,7 +93,7 @@ pub enum ReplayError {
         /// Events acknowledged before the failure.
         sent: u64,
         /// The failure.
-        source: rdkafka::error::KafkaError,
+        source: KafkaError,
     },
 }
 
@@ -144,10 +145,19 @@ impl<'a> Run<'a> {
     async fn pass(&mut self) -> Result<bool, ReplayError> {
         let path = &self.options.file;
         for (number, line) in open_lines(path)?.enumerate() {
-            let line = line.map_err(|source| ReplayError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let line = match line {
+                Ok(line) => line,
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    self.skip(number + 1, "invalid_utf8");
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ReplayError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
             if self
                 .options
                 .limit
@@ -189,7 +199,10 @@ impl<'a> Run<'a> {
                     self.in_flight.push_back(delivery);
                     break;
                 }
-                Err((_, _)) => self.settle_oldest().await?,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    self.settle_oldest().await?;
+                }
+                Err((source, _)) => return Err(self.delivery_error(source)),
             }
         }
         self.produced += 1;
@@ -218,11 +231,11 @@ impl<'a> Run<'a> {
                 Ok(())
             }
             Ok(Err((source, _))) => Err(self.delivery_error(source)),
-            Err(_) => Err(self.delivery_error(rdkafka::error::KafkaError::Canceled)),
+            Err(_) => Err(self.delivery_error(KafkaError::Canceled)),
         }
     }
 
-    fn delivery_error(&self, source: rdkafka::error::KafkaError) -> ReplayError {
+    fn delivery_error(&self, source: KafkaError) -> ReplayError {
         ReplayError::Delivery {
             topic: self.options.topic.clone(),
             sent: self.summary.sent,

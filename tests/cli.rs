@@ -173,6 +173,9 @@ fn sigterm_stops_a_running_daemon_cleanly_within_the_deadline() {
     );
     let config = write_config(dir.path(), &body);
     let (mut child, lines) = start_daemon(&config);
+    let bootstrap_file = data_dir.join("embedded-brokers");
+    let bootstrap = std::fs::read_to_string(&bootstrap_file).expect("bootstrap file");
+    assert!(bootstrap.trim().contains(':'), "{bootstrap}");
 
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: kill(2) on a child process we own; no memory is shared.
@@ -194,8 +197,30 @@ fn sigterm_stops_a_running_daemon_cleanly_within_the_deadline() {
         "{}",
         log.join("\n")
     );
-    let bootstrap = std::fs::read_to_string(data_dir.join("embedded-brokers")).expect("file");
-    assert!(bootstrap.trim().contains(':'), "{bootstrap}");
+    assert!(
+        !bootstrap_file.exists(),
+        "a stopped cluster's address must not linger"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_data_folder_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("var");
+    let body = format!(
+        "[runtime]\ndevice = \"cpu\"\ndata_dir = {data_dir:?}\n[model]\npath = {TINY_MODEL:?}\n\
+         [server]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    let config = write_config(dir.path(), &body);
+    let (mut first, _lines) = start_daemon(&config);
+
+    let second = output(rebeld().args(["run", "--config"]).arg(&config));
+    let _ = first.kill();
+    let _ = first.wait();
+
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another rebeld"), "{stderr}");
 }
 
 #[test]

@@ -218,6 +218,7 @@ fn read_dead_letters(bootstrap: &str, expected: usize) -> BTreeMap<i64, (String,
 
 #[test]
 fn malformed_messages_reach_the_dead_letter_topic_and_good_ones_the_buffer() {
+    let _serial = support::serial();
     let broker = Tansu::start(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = Daemon::start(&DaemonConfig::new(dir.path(), &broker.bootstrap, STRICT));

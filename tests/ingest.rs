@@ -33,6 +33,7 @@ fn assert_exactly_once(data_dir: &std::path::Path) {
 
 #[test]
 fn every_hh_pair_lands_in_the_buffer_exactly_once() {
+    let _serial = support::serial();
     let broker = Tansu::start(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let config = DaemonConfig::new(dir.path(), &broker.bootstrap, "");
@@ -65,6 +66,7 @@ fn every_hh_pair_lands_in_the_buffer_exactly_once() {
 
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let _serial = support::serial();
     let broker = Tansu::start(3);
     let dir = tempfile::tempdir().expect("tempdir");
     // A dedup window of one id leaves the offsets alone to prevent double counting.

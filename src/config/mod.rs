@@ -290,9 +290,16 @@ impl Config {
         Ok(config)
     }
 
-    /// The resolved configuration as TOML, secrets masked.
+    /// The resolved configuration as TOML, secrets masked (including librdkafka properties
+    /// whose names say they hold one).
     pub fn to_masked_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+        let mut shown = self.clone();
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_sensitive(key) {
+                *value = MASK.to_owned();
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
     fn check_listeners_differ(&self) -> Result<(), ConfigError> {
@@ -326,7 +333,7 @@ fn apply_env_overrides(table: &mut toml::Table, env: impl IntoIterator<Item = (S
             continue;
         };
         let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
-        set_path(table, &keys, parse_env_value(&value));
+        set_path(table, &keys, env_value(&keys, &value));
     }
 }
 
@@ -351,6 +358,18 @@ fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) {
     current.insert(last.clone(), value);
 }
 
+/// Credentials and librdkafka properties are strings whatever they look like (a password may
+/// be `12345`); anything else is read as TOML when it parses as TOML.
+fn env_value(keys: &[String], text: &str) -> toml::Value {
+    let joined = keys.join(".");
+    let string_valued = joined.starts_with("kafka.properties.")
+        || (is_sensitive(&joined) && !text.trim_start().starts_with('['));
+    if string_valued {
+        return toml::Value::String(text.to_owned());
+    }
+    parse_env_value(text)
+}
+
 fn parse_env_value(text: &str) -> toml::Value {
     format!("v = {text}")
         .parse::<toml::Table>()
@@ -363,13 +382,30 @@ fn deserialize_raw(origin: &str, table: toml::Table) -> Result<RawConfig, Config
     let value = toml::Value::Table(table.clone());
     serde_path_to_error::deserialize(value).map_err(|error| {
         let key = error.path().to_string();
+        let (value, message) = if is_sensitive(&key) {
+            (
+                MASK.to_owned(),
+                "invalid value (not shown: the key holds a secret)".to_owned(),
+            )
+        } else {
+            let value = lookup(&table, &key).unwrap_or_else(|| "(absent)".into());
+            (value, one_line(&error.inner().to_string()))
+        };
         ConfigError::Field {
             origin: origin.to_owned(),
-            value: lookup(&table, &key).unwrap_or_else(|| "(absent)".into()),
-            message: one_line(&error.inner().to_string()),
+            value,
+            message,
             key,
         }
     })
+}
+
+/// Keys whose values are credentials: never echoed in errors or `config check`.
+pub fn is_sensitive(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "sasl.oauthbearer", "ssl.key"]
+        .iter()
+        .any(|word| key.contains(word))
 }
 
 /// The value at a dotted key, as TOML would write it.

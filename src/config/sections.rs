@@ -100,7 +100,9 @@ pub struct RawKafka {
     /// SASL password, passed as `sasl.password`; never printed.
     pub sasl_password: Option<Secret>,
     /// Further librdkafka properties (`security.protocol`, `ssl.ca.location`, …). rebeld owns
-    /// `bootstrap.servers`, `group.id` and offset handling, which cannot be set here.
+    /// `bootstrap.servers`, `group.id` and offset handling, which cannot be set here. Numbers
+    /// and booleans may be written bare (`"session.timeout.ms" = 6000`).
+    #[serde(deserialize_with = "property_values")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -446,4 +448,33 @@ impl Default for RawMetrics {
             listen: "127.0.0.1:9464".into(),
         }
     }
+}
+
+/// librdkafka takes every property as a string; accept TOML numbers and booleans too.
+fn property_values<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+
+    let written = BTreeMap::<String, Written>::deserialize(deserializer)?;
+    Ok(written
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Written::Text(text) => text,
+                Written::Integer(n) => n.to_string(),
+                Written::Float(x) => x.to_string(),
+                Written::Flag(b) => b.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
 }

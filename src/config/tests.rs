@@ -168,3 +168,27 @@ fn production_example_is_valid_once_tokens_come_from_the_environment() {
     assert_eq!(config.train.micro_batch_size, 8);
     assert!(Config::from_toml("production.toml", text, no_env()).is_err());
 }
+
+#[test]
+fn secrets_are_not_echoed_in_errors_and_may_look_like_numbers() {
+    let line = error_line("[server]\nread_tokens = \"s3cr3ttoken\"\n");
+    assert!(!line.contains("s3cr3ttoken"), "{line}");
+    assert!(line.contains("server.read_tokens"), "{line}");
+
+    let env = vec![(
+        "REBELD__KAFKA__SASL_PASSWORD".to_owned(),
+        "12345".to_owned(),
+    )];
+    let config = Config::from_toml("t", "", env).expect("numeric password");
+    assert_eq!(config.kafka.sasl_password.expect("set").expose(), "12345");
+}
+
+#[test]
+fn kafka_properties_take_bare_numbers_and_mask_credentials() {
+    let text = "[kafka.properties]\n\"session.timeout.ms\" = 6000\n\"sasl.password\" = \"leak\"\n";
+    let config = load(text).expect("config");
+
+    assert_eq!(config.kafka.properties["session.timeout.ms"], "6000");
+    let rendered = config.to_masked_toml();
+    assert!(!rendered.contains("leak"), "{rendered}");
+}

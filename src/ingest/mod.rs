@@ -42,6 +42,8 @@ use crate::metrics::Metrics;
 const MAX_BATCH: usize = 256;
 /// Longest a received message waits for its batch to fill.
 const BATCH_WAIT: Duration = Duration::from_millis(50);
+/// A consumer left without partitions this long rejoins its group.
+const REJOIN_AFTER: Duration = Duration::from_secs(30);
 /// At most one warning per this interval for repeated consumer errors.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -107,8 +109,11 @@ impl Checkpointer {
                 list.add_partition_offset(&self.topic, partition, Offset::Offset(next))?;
             }
         }
+        // Asynchronous: a synchronous commit blocks without a timeout while the broker is
+        // down, freezing the runtime. A commit that fails is simply older than the snapshot,
+        // and messages below the snapshot's offsets are skipped on restart anyway.
         if list.count() > 0 {
-            consumer.commit(&list, CommitMode::Sync)?;
+            consumer.commit(&list, CommitMode::Async)?;
         }
         debug!(
             bytes = written.bytes,
@@ -176,8 +181,12 @@ impl ConsumerContext for IngestContext {
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            info!(?partitions, "partitions assigned");
-            self.readiness.set_consuming(true);
+            if partitions.is_empty() {
+                warn!("the group assigned no partition to this consumer; not consuming");
+            } else {
+                info!(?partitions, "partitions assigned");
+            }
+            self.readiness.set_consuming(!partitions.is_empty());
         }
     }
 }
@@ -214,6 +223,7 @@ pub struct Ingest {
     topic: String,
     pending: Vec<OwnedMessage>,
     last_warning: Option<Instant>,
+    unassigned_since: Option<Instant>,
 }
 
 enum Step {
@@ -257,6 +267,7 @@ impl Ingest {
             topic: parts.kafka.topic,
             pending: Vec::new(),
             last_warning: None,
+            unassigned_since: None,
         })
     }
 
@@ -346,9 +357,31 @@ impl Ingest {
         }
     }
 
-    fn checkpoint_assigned(&self) -> Result<(), IngestError> {
+    fn checkpoint_assigned(&mut self) -> Result<(), IngestError> {
         let partitions = self.assigned_partitions()?;
-        self.checkpointer.checkpoint(&self.consumer, &partitions)
+        self.checkpointer.checkpoint(&self.consumer, &partitions)?;
+        self.rejoin_if_starved(partitions.is_empty())
+    }
+
+    /// A group can leave a member with no partition after another member died (seen with
+    /// some brokers' coordinators); rejoining asks for a fresh assignment.
+    fn rejoin_if_starved(&mut self, unassigned: bool) -> Result<(), IngestError> {
+        if !unassigned {
+            self.unassigned_since = None;
+            return Ok(());
+        }
+        let since = *self.unassigned_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < REJOIN_AFTER {
+            return Ok(());
+        }
+        warn!(
+            seconds = REJOIN_AFTER.as_secs(),
+            "no partition assigned for a while; rejoining the group"
+        );
+        self.consumer.unsubscribe();
+        self.consumer.subscribe(&[self.topic.as_str()])?;
+        self.unassigned_since = None;
+        Ok(())
     }
 
     fn assigned_partitions(&self) -> Result<Vec<i32>, IngestError> {

@@ -23,6 +23,14 @@ pub fn hh_file() -> PathBuf {
     dir.join("harmless-base-test.jsonl.gz")
 }
 
+/// Tests that start a broker and a daemon run one at a time: on two cores, parallel runs
+/// starve each other's group heartbeats.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A port free at the time of asking.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
