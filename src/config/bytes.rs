@@ -52,7 +52,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let exact = UNITS
             .iter()
-            .find(|(_, scale)| *scale > 1 && self.0 >= *scale && self.0 % scale == 0);
+            .find(|(_, scale)| *scale > 1 && self.0 >= *scale && self.0.is_multiple_of(*scale));
         match exact {
             Some((unit, scale)) => write!(f, "{}{unit}", self.0 / scale),
             None => write!(f, "{}B", self.0),

@@ -227,7 +227,7 @@ impl TrainTask {
         self.metrics.record_step(report, elapsed);
         if report.is_skipped() {
             warn!(?report.skipped, "training step skipped");
-        } else if step % LOG_EVERY == 0 {
+        } else if step.is_multiple_of(LOG_EVERY) {
             info!(
                 step,
                 loss = report.loss,
