@@ -156,12 +156,15 @@ fn run(path: Option<PathBuf>) -> Result<(), Failure> {
     let config = Config::load(path.as_deref()).map_err(Failure::usage)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
 
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let signals = TerminationSignals::install().map_err(Failure::runtime)?;
         rebeld::daemon::run(config, stop_signal(signals))
             .await
             .map_err(Failure::runtime)
-    })
+    });
+    // A task past the shutdown deadline may be stuck in a blocking call: do not wait for it.
+    runtime.shutdown_background();
+    outcome
 }
 
 /// The first SIGINT/SIGTERM starts a clean stop; a second one exits at once.

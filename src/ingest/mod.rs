@@ -306,6 +306,10 @@ impl Ingest {
         self.checkpoint_assigned()?;
         self.consumer.context().readiness.set_consuming(false);
         info!("ingest stopped after a final checkpoint");
+
+        // Closing the consumer leaves the group and may wait on an unreachable broker: do it
+        // off the runtime, so the shutdown deadline still governs.
+        tokio::task::spawn_blocking(move || drop(self)).await?;
         Ok(())
     }
 
