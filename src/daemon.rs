@@ -61,7 +61,10 @@ pub enum DaemonError {
         source: TokenizerError,
     },
     /// The buffer snapshot exists but cannot be restored.
-    #[error("cannot restore the buffer snapshot: {0}")]
+    #[error(
+        "cannot restore the buffer snapshot ({0}); to start with an empty buffer, move the file \
+         aside: consumption then resumes at the group's committed offsets"
+    )]
     Snapshot(#[from] SnapshotError),
     /// The consumer could not start.
     #[error(transparent)]

@@ -38,7 +38,7 @@ use super::{
 };
 
 /// The snapshot format this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
 const META_KEY: &str = "rebeld.snapshot.meta";
 const META_CRC_KEY: &str = "rebeld.snapshot.meta_crc32";
