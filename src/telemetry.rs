@@ -29,7 +29,11 @@ pub fn init(format: LogFormat) {
         .and_then(|text| EnvFilter::try_new(text).ok())
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
 
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     let installed = match format {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder
