@@ -13,10 +13,8 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::Message;
 use rebeld::buffer::{BufferLimits, PairRecord, RollingBuffer};
 use rebeld::config::PromptTooLong;
 use rebeld::event::{parse_event, EventLimits};
@@ -28,19 +26,7 @@ const ROUNDS: usize = 3;
 const APPEND_BATCH: usize = 256;
 
 fn consume_all(bootstrap: &str, expected: usize, mut on_message: impl FnMut(OwnedMessage)) -> f64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for partition in 0..3 {
-        list.add_partition_offset(support::TOPIC, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&list).expect("assign");
-    drop(list);
+    let consumer = support::read_from_start(bootstrap, "bench", support::TOPIC);
 
     let started = Instant::now();
     let mut seen = 0;

@@ -107,9 +107,11 @@ pub async fn run(
     let brokers = start_brokers(&config, &mut supervisor)?;
     let shared = restore_buffer(&config)?;
     metrics.record_buffer(&shared.lock().buffer.stats(), &Default::default());
+    let tokenizer = load_tokenizer(&config)?;
     let ingest = start_ingest(
         &config,
         &brokers,
+        tokenizer.clone(),
         shared.clone(),
         metrics.clone(),
         readiness.clone(),
@@ -122,6 +124,7 @@ pub async fn run(
         train: config.train.clone(),
         model: config.model.clone(),
         buffer: config.buffer.clone(),
+        tokenizer,
         device,
         shared,
         metrics: metrics.clone(),
@@ -208,20 +211,26 @@ pub fn buffer_limits(config: &Config) -> BufferLimits {
     }
 }
 
-/// Loads the tokenizer and creates the consumer.
-fn start_ingest(
-    config: &Config,
-    bootstrap: &str,
-    shared: Arc<SharedBuffer>,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-) -> Result<Ingest, DaemonError> {
+/// The policy's tokenizer, loaded once for ingest and the trainer.
+fn load_tokenizer(config: &Config) -> Result<Arc<PolicyTokenizer>, DaemonError> {
     let tokenizer =
         PolicyTokenizer::from_dir(&config.model.path).map_err(|source| DaemonError::Tokenizer {
             path: config.model.path.clone(),
             source,
         })?;
-    let converter = Converter::new(Arc::new(tokenizer), convert_settings(config));
+    Ok(Arc::new(tokenizer))
+}
+
+/// Creates the consumer.
+fn start_ingest(
+    config: &Config,
+    bootstrap: &str,
+    tokenizer: Arc<PolicyTokenizer>,
+    shared: Arc<SharedBuffer>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Result<Ingest, DaemonError> {
+    let converter = Converter::new(tokenizer, convert_settings(config));
 
     Ok(Ingest::start(IngestParts {
         kafka: config.kafka.clone(),

@@ -6,10 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use support::{snapshot_contents, wait_for, Daemon, DaemonConfig, Tansu, DEAD_LETTER_TOPIC, TOPIC};
 
@@ -183,19 +181,7 @@ async fn produce_all(producer: &FutureProducer, values: &[Option<Vec<u8>>]) -> V
 /// Reads the dead-letter topic until `expected` messages arrived: source offset → (reason,
 /// value).
 fn read_dead_letters(bootstrap: &str, expected: usize) -> BTreeMap<i64, (String, Option<Vec<u8>>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "dead-letter-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for partition in 0..3 {
-        list.add_partition_offset(DEAD_LETTER_TOPIC, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&list).expect("assign");
-    drop(list);
+    let consumer = support::read_from_start(bootstrap, "dead-letter-reader", DEAD_LETTER_TOPIC);
 
     let mut letters = BTreeMap::new();
     wait_for("the dead letters", Duration::from_secs(60), || {

@@ -29,7 +29,7 @@ use crate::ingest::store::SharedBuffer;
 use crate::metrics::Metrics;
 use crate::model::llama::{Llama, ModelError};
 use crate::model::logprobs::Limits;
-use crate::model::tokenizer::{PolicyTokenizer, TokenizerError};
+use crate::model::tokenizer::PolicyTokenizer;
 
 /// How long an idle trainer sleeps between looks at the buffer.
 const IDLE_WAIT: Duration = Duration::from_millis(250);
@@ -47,14 +47,6 @@ pub enum TrainTaskError {
         /// The failure.
         source: ModelError,
     },
-    /// The tokenizer could not be loaded.
-    #[error("model.path = {path:?}: {source}")]
-    Tokenizer {
-        /// The folder.
-        path: PathBuf,
-        /// The failure.
-        source: TokenizerError,
-    },
     /// A step failed for a reason other than non-finite values.
     #[error("training step: {0}")]
     Step(#[from] StepError),
@@ -71,6 +63,8 @@ pub struct TrainTask {
     pub model: ModelConfig,
     /// `[buffer]` (sampling strategy).
     pub buffer: BufferConfig,
+    /// The policy's tokenizer (for its EOS and pad ids), shared with ingest.
+    pub tokenizer: Arc<PolicyTokenizer>,
     /// Where tensors live.
     pub device: Device,
     /// The buffer shared with ingest.
@@ -99,24 +93,19 @@ impl TrainTask {
     /// Trains until `token` fires. Call on a blocking thread.
     pub fn run(self, token: &CancellationToken) -> Result<(), TrainTaskError> {
         let dir = self.model.path.clone();
-        let tokenizer =
-            PolicyTokenizer::from_dir(&dir).map_err(|source| TrainTaskError::Tokenizer {
-                path: dir.clone(),
-                source,
-            })?;
         let policy = load_policy(&dir, self.device)?;
         let anchor = load_policy(&dir, self.device)?;
         self.readiness.set_model_loaded(true);
         info!(path = %dir.display(), device = ?self.device, "policy and anchor loaded");
 
-        let step_config = StepConfig::from_config(&self.train, tokenizer.pad_id())?;
+        let step_config = StepConfig::from_config(&self.train, self.tokenizer.pad_id())?;
         let mut trainer = Trainer::new(&policy.vs, step_config)?;
         let mut state = LoopState {
             rewards: RewardSpec::from_config(&self.train),
             anchor_cache: HashMap::new(),
             rng: StdRng::seed_from_u64(self.train.seed),
-            eos_id: tokenizer.eos_id(),
-            pad_id: tokenizer.pad_id(),
+            eos_id: self.tokenizer.eos_id(),
+            pad_id: self.tokenizer.pad_id(),
         };
 
         while !token.is_cancelled() {
@@ -181,11 +170,11 @@ impl TrainTask {
             }
         }
 
-        let missing: Vec<_> = usable
+        let (ids, missing): (Vec<String>, Vec<_>) = usable
             .iter()
             .filter(|(s, _, _)| !state.anchor_cache.contains_key(&s.pair.id))
-            .map(|(_, _, seqs)| seqs.clone())
-            .collect();
+            .map(|(s, _, seqs)| (s.pair.id.clone(), seqs.clone()))
+            .unzip();
         let computed = pair_logprobs(
             anchor,
             &missing,
@@ -193,14 +182,7 @@ impl TrainTask {
             self.train.micro_batch_size,
             self.device,
         )?;
-        let missing_ids = usable
-            .iter()
-            .filter(|(s, _, _)| !state.anchor_cache.contains_key(&s.pair.id));
-        let fresh: Vec<(String, (f64, f64))> = missing_ids
-            .map(|(s, _, _)| s.pair.id.clone())
-            .zip(computed)
-            .collect();
-        state.anchor_cache.extend(fresh);
+        state.anchor_cache.extend(ids.into_iter().zip(computed));
 
         let mut pairs = Vec::with_capacity(usable.len());
         let mut handles = Vec::with_capacity(usable.len());

@@ -258,6 +258,33 @@ fn forward_lines(stderr: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// A consumer in group `group` assigned every partition of `topic` (three, as `Tansu::start`
+/// makes them) from the beginning.
+pub fn read_from_start(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..3 {
+        list.add_partition_offset(topic, partition, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    // The list must go before the consumer does (dropping them the other way round hangs).
+    drop(list);
+    consumer
+}
+
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
