@@ -5,7 +5,9 @@
 //! - an RUNPATH entry, so the binary runs without `LD_LIBRARY_PATH`;
 //! - `libtorch_cuda` linked with `--no-as-needed`. Nothing in Rust references its symbols
 //!   directly: its kernels register themselves when the library loads. With the linker's
-//!   default `--as-needed` it would be dropped, and libtorch would silently report no CUDA.
+//!   default `--as-needed` it would be dropped, and libtorch would silently report no CUDA;
+//! - `csrc/cuda_memory.cpp`, the CUDA caching allocator's byte counts behind a C function
+//!   (it answers "no allocator" in a libtorch built without CUDA).
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ fn main() {
 
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     export_libtorch_version(Path::new(&lib_dir));
+    compile_cuda_memory_shim(Path::new(&lib_dir));
 
     if Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -45,4 +48,20 @@ fn export_libtorch_version(lib_dir: &Path) {
         })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=REBELD_LIBTORCH_VERSION={version}");
+}
+
+/// Compiles `csrc/cuda_memory.cpp` against the libtorch headers beside `lib_dir`. It needs
+/// only libc10, which torch-sys links already.
+fn compile_cuda_memory_shim(lib_dir: &Path) {
+    const SHIM: &str = "csrc/cuda_memory.cpp";
+    println!("cargo:rerun-if-changed={SHIM}");
+
+    cc::Build::new()
+        .cpp(true)
+        .file(SHIM)
+        .include(lib_dir.join("../include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("rebeld_cuda_memory");
 }

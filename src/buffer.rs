@@ -350,6 +350,31 @@ impl RollingBuffer {
         })
     }
 
+    /// Up to `limit` rows whose id `keep` accepts, newest first, decoding only those.
+    pub fn select_newest(
+        &self,
+        limit: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<SampledPair>, BufferError> {
+        let mut selected = Vec::new();
+        for chunk in self.chunks.iter().rev() {
+            let ids: Vec<&str> = chunk.cols().ids().collect();
+            for row in (0..ids.len()).rev() {
+                if selected.len() >= limit {
+                    return Ok(selected);
+                }
+                if keep(ids[row]) {
+                    let meta = chunk.rows()[row];
+                    selected.push(SampledPair {
+                        handle: RowHandle(meta.seq),
+                        pair: chunk.cols().decode(row, meta.times_trained)?,
+                    });
+                }
+            }
+        }
+        Ok(selected)
+    }
+
     /// Adds one to `times_trained` of each row named, once per mention; returns how many
     /// mentions matched a held row. Handles of evicted rows are ignored.
     pub fn mark_trained(&mut self, handles: &[RowHandle]) -> usize {

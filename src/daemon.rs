@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::api::ApiParts;
 use crate::buffer::{BufferLimits, SnapshotError};
+use crate::checkpoint::{CheckpointStore, StoreError};
 use crate::config::{Brokers, Config};
 use crate::device::{device_name, DeviceUnavailable};
 use crate::embedded_kafka::{EmbeddedKafka, EmbeddedKafkaError};
@@ -13,11 +15,15 @@ use crate::event::EventLimits;
 use crate::health::Readiness;
 use crate::http::{bind, serve, BindError};
 use crate::ingest::convert::{ConvertSettings, Converter};
+use crate::ingest::kafka::producer_config;
 use crate::ingest::store::{IngestState, SharedBuffer, SnapshotStore};
 use crate::ingest::{now_ms, Ingest, IngestError, IngestParts};
 use crate::metrics::{BuildFacts, Metrics, MetricsError};
 use crate::model::tokenizer::{PolicyTokenizer, TokenizerError};
+use crate::notices::Announcer;
+use crate::resume::{ResumeError, ResumeStore, BUFFER_FILE};
 use crate::supervisor::{Supervisor, SupervisorError};
+use crate::train::anchor::TrainControl;
 use crate::train::task::TrainTask;
 use crate::version::{VersionReport, LIBTORCH_VERSION, REBELD_VERSION};
 
@@ -46,6 +52,9 @@ pub enum DaemonError {
     /// A listener could not be opened.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The checkpoint store under `<data_dir>/versions` cannot be opened.
+    #[error("checkpoint store: {0}")]
+    Checkpoint(#[from] StoreError),
     /// The metric registry could not be built.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -66,6 +75,9 @@ pub enum DaemonError {
          aside: consumption then resumes at the group's committed offsets"
     )]
     Snapshot(#[from] SnapshotError),
+    /// The resume folder cannot be opened.
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
     /// The consumer could not start.
     #[error(transparent)]
     Ingest(#[from] IngestError),
@@ -91,6 +103,9 @@ pub async fn run(
         librdkafka: versions.librdkafka.clone(),
         device: device_name(device),
     })?;
+    if let tch::Device::Cuda(index) = device {
+        metrics.watch_cuda_memory(index)?;
+    }
     let readiness = Readiness::new();
     let api_listener = bind(config.server.listen, "server.listen").await?;
     let metrics_listener = bind(config.metrics.listen, "metrics.listen").await?;
@@ -100,19 +115,66 @@ pub async fn run(
     supervisor.spawn("metrics", |token| async move {
         Ok(serve(metrics_listener, metrics_router, token).await?)
     });
-    let api_router = crate::api::router(readiness.clone(), metrics.clone());
-    supervisor.spawn("api", |token| async move {
-        Ok(serve(api_listener, api_router, token).await?)
+    let store = CheckpointStore::open(
+        &config.runtime.data_dir.join("versions"),
+        config.checkpoint.keep_versions,
+    )?;
+    readiness.set_version_servable(store.latest().is_some());
+    let api_parts = ApiParts {
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        store: Some(store.clone()),
+        server: config.server.clone(),
+        shutdown: CancellationToken::new(),
+    };
+    supervisor.spawn("api", |token| {
+        let api_router = crate::api::router(ApiParts {
+            shutdown: token.clone(),
+            ..api_parts
+        });
+        async move { Ok(serve(api_listener, api_router, token).await?) }
     });
     let brokers = start_brokers(&config, &mut supervisor)?;
-    let shared = restore_buffer(&config)?;
+    let resume = Arc::new(ResumeStore::open(&config.runtime.data_dir)?);
+    let shared = restore_buffer(&config, &resume)?;
     metrics.record_buffer(&shared.lock().buffer.stats(), &Default::default());
     let tokenizer = load_tokenizer(&config)?;
+
+    // Announcements start before the trainer, which may promote its first version at once.
+    if let Some(announcer) = announcer(&config, &brokers, store.clone(), metrics.clone())? {
+        supervisor.spawn("notices", |token| async move {
+            announcer.run(token).await;
+            Ok(())
+        });
+    }
+
+    // The trainer starts before ingest so that it stops after it: its final resume state then
+    // holds every event ingest appended.
+    let trainer = TrainTask {
+        train: config.train.clone(),
+        model: config.model.clone(),
+        buffer: config.buffer.clone(),
+        tokenizer: tokenizer.clone(),
+        device,
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        resume: resume.clone(),
+        resume_every: config.buffer.snapshot_every,
+        checkpoint: config.checkpoint.clone(),
+        store,
+        control: Arc::new(TrainControl::new()),
+    };
+    supervisor.spawn("trainer", |token| async move {
+        tokio::task::spawn_blocking(move || trainer.run(&token)).await??;
+        Ok(())
+    });
     let ingest = start_ingest(
         &config,
         &brokers,
-        tokenizer.clone(),
-        shared.clone(),
+        tokenizer,
+        shared,
+        &resume,
         metrics.clone(),
         readiness.clone(),
     )?;
@@ -120,20 +182,6 @@ pub async fn run(
         "ingest",
         |token| async move { Ok(ingest.run(token).await?) },
     );
-    let trainer = TrainTask {
-        train: config.train.clone(),
-        model: config.model.clone(),
-        buffer: config.buffer.clone(),
-        tokenizer,
-        device,
-        shared,
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
-    };
-    supervisor.spawn("trainer", |token| async move {
-        tokio::task::spawn_blocking(move || trainer.run(&token)).await??;
-        Ok(())
-    });
 
     info!(
         device = %device_name(device),
@@ -176,11 +224,22 @@ fn lock_data_dir(config: &Config) -> Result<std::fs::File, DaemonError> {
     }
 }
 
-/// The last snapshot, or an empty buffer.
-fn restore_buffer(config: &Config) -> Result<Arc<SharedBuffer>, DaemonError> {
+/// The buffer of the newest resume state (or of a snapshot in the layout before resume
+/// states), or an empty buffer; its offsets are declared durable.
+fn restore_buffer(config: &Config, resume: &ResumeStore) -> Result<Arc<SharedBuffer>, DaemonError> {
     let limits = buffer_limits(config);
-    let store = SnapshotStore::in_data_dir(&config.runtime.data_dir);
-    let restored = store.restore(limits, config.buffer.dedup_window, now_ms())?;
+    let window = config.buffer.dedup_window;
+    let legacy = SnapshotStore::legacy_in_data_dir(&config.runtime.data_dir);
+    let (restored, file) = match resume.latest() {
+        Some(generation) => (
+            resume.restore_buffer(limits, window, now_ms())?,
+            generation.file(BUFFER_FILE),
+        ),
+        None => (
+            legacy.restore(limits, window, now_ms())?,
+            legacy.path().to_owned(),
+        ),
+    };
 
     let state = match restored {
         Some(mut state) => {
@@ -192,13 +251,14 @@ fn restore_buffer(config: &Config) -> Result<Arc<SharedBuffer>, DaemonError> {
             info!(
                 rows = state.buffer.len(),
                 partitions = state.offsets.as_map().len(),
-                file = %store.path().display(),
-                "buffer restored from snapshot"
+                file = %file.display(),
+                "buffer restored"
             );
             state
         }
-        None => IngestState::new(limits, config.buffer.dedup_window),
+        None => IngestState::new(limits, window),
     };
+    resume.set_durable(state.offsets.clone());
     Ok(Arc::new(SharedBuffer::new(state)))
 }
 
@@ -221,12 +281,36 @@ fn load_tokenizer(config: &Config) -> Result<Arc<PolicyTokenizer>, DaemonError> 
     Ok(Arc::new(tokenizer))
 }
 
+/// The producer of promotion notices, unless `kafka.checkpoints_topic` is empty.
+fn announcer(
+    config: &Config,
+    bootstrap: &str,
+    store: CheckpointStore,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Announcer>, DaemonError> {
+    let topic = config.kafka.checkpoints_topic.clone();
+    if topic.is_empty() {
+        return Ok(None);
+    }
+    let producer = producer_config(&config.kafka, bootstrap)
+        .create()
+        .map_err(IngestError::from)?;
+    Ok(Some(Announcer {
+        store,
+        producer,
+        topic,
+        public_url: config.server.public_url.clone(),
+        metrics,
+    }))
+}
+
 /// Creates the consumer.
 fn start_ingest(
     config: &Config,
     bootstrap: &str,
     tokenizer: Arc<PolicyTokenizer>,
     shared: Arc<SharedBuffer>,
+    resume: &ResumeStore,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
 ) -> Result<Ingest, DaemonError> {
@@ -237,8 +321,8 @@ fn start_ingest(
         bootstrap: bootstrap.to_owned(),
         converter,
         shared,
-        snapshots: SnapshotStore::in_data_dir(&config.runtime.data_dir),
-        snapshot_every: config.buffer.snapshot_every,
+        durable: resume.durable_offsets(),
+        commit_every: config.buffer.snapshot_every,
         metrics,
         readiness,
     })?)

@@ -7,17 +7,24 @@
 
 pub mod api;
 pub mod buffer;
+pub mod checkpoint;
 pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod embedded_kafka;
+pub mod eval;
 pub mod event;
+pub mod experiment;
+pub mod failpoint;
 pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod notices;
+pub mod pull;
 pub mod replay;
+pub mod resume;
 pub mod supervisor;
 pub mod telemetry;
 pub mod train;

@@ -11,12 +11,15 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::buffer::{BufferStats, Evicted};
+use crate::train::segments::{SegmentSummary, OTHER};
 use crate::train::step::{SkipReason, StepReport};
 
 /// A catalogue entry: name, help and label names. Tests check dashboards against this list.
@@ -36,6 +39,25 @@ pub const BUILD_INFO: MetricSpec = MetricSpec {
     help: "Build and runtime facts of this rebeld process; the value is always 1.",
     labels: &["version", "libtorch", "librdkafka", "device"],
 };
+
+/// `rebeld_device_memory_allocated_bytes{device}`, read from the CUDA caching allocator at
+/// each scrape; present only when training on CUDA.
+pub const DEVICE_MEMORY_ALLOCATED: MetricSpec = MetricSpec {
+    name: "rebeld_device_memory_allocated_bytes",
+    help: "Bytes in live tensors on the training GPU (torch.cuda.memory_allocated).",
+    labels: &["device"],
+};
+
+/// `rebeld_device_memory_reserved_bytes{device}`, like [`DEVICE_MEMORY_ALLOCATED`].
+pub const DEVICE_MEMORY_RESERVED: MetricSpec = MetricSpec {
+    name: "rebeld_device_memory_reserved_bytes",
+    help: "Bytes the CUDA caching allocator holds on the training GPU, live or cached \
+           (torch.cuda.memory_reserved).",
+    labels: &["device"],
+};
+
+/// Catalogue entries exported only by a process training on CUDA.
+pub const CUDA_ONLY: &[MetricSpec] = &[DEVICE_MEMORY_ALLOCATED, DEVICE_MEMORY_RESERVED];
 
 /// `rebeld_http_requests_total{listener, route, status}`.
 pub const HTTP_REQUESTS: MetricSpec = MetricSpec {
@@ -157,10 +179,21 @@ pub mod train {
         help: "Training steps skipped with the weights untouched, by cause.",
         labels: &["cause"],
     };
+    /// The schedule's position.
+    pub const POSITION: MetricSpec = spec(
+        "rebeld_train_step",
+        "Optimizer updates applied to the policy since training began, across restarts.",
+    );
+    /// Resume state writes that failed.
+    pub const RESUME_FAILURES: MetricSpec = spec(
+        "rebeld_train_resume_write_failures_total",
+        "Resume state writes that failed; offsets stay uncommitted until one succeeds.",
+    );
     /// Pairs left out of training.
     pub const UNUSABLE: MetricSpec = spec(
         "rebeld_train_unusable_pairs_total",
-        "Sampled pairs left out of a step (no usable reward, or no response token to score).",
+        "Pairs left out of training, each counted once: no usable reward, a reward difference \
+         out of range, or no response token to score.",
     );
     /// Mean pointwise loss.
     pub const LOSS: MetricSpec = spec(
@@ -207,6 +240,50 @@ pub mod train {
         "rebeld_train_tokens_per_second",
         "Prompt and response tokens of the last step over its wall time.",
     );
+    /// Wasserstein penalty.
+    pub const PENALTY: MetricSpec = spec(
+        "rebeld_train_wasserstein_penalty",
+        "The last wasserstein step's gradient penalty: radius times the mean \
+         embedding-gradient norm.",
+    );
+    /// Rollbacks.
+    pub const ROLLBACKS: MetricSpec = spec(
+        "rebeld_train_rollbacks_total",
+        "Rollbacks to the last good weights and optimizer state after repeated skipped steps.",
+    );
+    /// Learning-rate multiplier.
+    pub const LR_SCALE: MetricSpec = spec(
+        "rebeld_train_learning_rate_scale",
+        "Multiplier on the scheduled learning rate; halved at each rollback.",
+    );
+    /// Stale pairs.
+    pub const STALE: MetricSpec = spec(
+        "rebeld_train_stale_pairs_total",
+        "Sampled pairs left out because their policy version is older than train.max_staleness.",
+    );
+    /// Anchor refreshes.
+    pub const ANCHOR_REFRESHES: MetricSpec = spec(
+        "rebeld_train_anchor_refreshes_total",
+        "Times the anchor policy was replaced by a copy of the trained policy.",
+    );
+    /// Anchor version.
+    pub const ANCHOR_VERSION: MetricSpec = spec(
+        "rebeld_train_anchor_version",
+        "Refreshes of the anchor policy since start (0: the initial model).",
+    );
+    /// Per-segment mean loss.
+    pub const SEGMENT_LOSS: MetricSpec = MetricSpec {
+        name: "rebeld_train_segment_loss",
+        help: "Mean pointwise loss of the last step's pairs of each segment (configured or other).",
+        labels: &["segment"],
+    };
+    /// Per-segment weight.
+    pub const SEGMENT_WEIGHT: MetricSpec = MetricSpec {
+        name: "rebeld_train_segment_weight",
+        help: "Total objective weight of the last step's pairs of each segment \
+             (configured or other).",
+        labels: &["segment"],
+    };
     /// Step duration.
     pub const STEP_SECONDS: MetricSpec = spec(
         "rebeld_train_step_duration_seconds",
@@ -214,10 +291,96 @@ pub mod train {
     );
 }
 
+/// Checkpoint serving catalogue entries.
+pub mod serve {
+    use super::MetricSpec;
+
+    const fn spec(name: &'static str, help: &'static str) -> MetricSpec {
+        MetricSpec {
+            name,
+            help,
+            labels: &[],
+        }
+    }
+
+    /// Downloads streaming now.
+    pub const DOWNLOADS_IN_FLIGHT: MetricSpec = spec(
+        "rebeld_serve_downloads_in_flight",
+        "Checkpoint file downloads being streamed now.",
+    );
+    /// Body bytes of checkpoint files sent.
+    pub const BYTES: MetricSpec = spec(
+        "rebeld_serve_bytes_total",
+        "Bytes of checkpoint file bodies sent to clients.",
+    );
+    /// Downloads refused at the cap.
+    pub const REFUSED: MetricSpec = spec(
+        "rebeld_serve_downloads_refused_total",
+        "Downloads answered 503 because server.max_concurrent_downloads were in progress.",
+    );
+    /// Long polls waiting.
+    pub const LONG_POLLS: MetricSpec = spec(
+        "rebeld_serve_long_polls_waiting",
+        "Requests waiting on GET /v1/versions/latest?after=N for a newer version.",
+    );
+}
+
+/// Publication catalogue entries.
+pub mod checkpoint {
+    use super::MetricSpec;
+
+    const fn spec(name: &'static str, help: &'static str) -> MetricSpec {
+        MetricSpec {
+            name,
+            help,
+            labels: &[],
+        }
+    }
+
+    /// Versions promoted to latest by the trainer.
+    pub const PUBLISHED: MetricSpec = spec(
+        "rebeld_checkpoint_versions_published_total",
+        "Versions that passed every publication gate and became latest.",
+    );
+    /// Versions rejected, by the gate that failed.
+    pub const REJECTED: MetricSpec = MetricSpec {
+        name: "rebeld_checkpoint_versions_rejected_total",
+        help: "Versions kept as rejected, by failed gate (a version failing two counts twice).",
+        labels: &["gate"],
+    };
+    /// Publications that failed outright.
+    pub const FAILURES: MetricSpec = spec(
+        "rebeld_checkpoint_publish_failures_total",
+        "Publication attempts that failed before a version was committed (I/O, scoring).",
+    );
+    /// The latest version.
+    pub const LATEST: MetricSpec = spec(
+        "rebeld_checkpoint_latest_version",
+        "The version inference hosts pull as latest.",
+    );
+    /// Publication time.
+    pub const PUBLISH_SECONDS: MetricSpec = spec(
+        "rebeld_checkpoint_publish_duration_seconds",
+        "Time to save, judge and commit a version.",
+    );
+    /// Bytes of committed versions.
+    pub const BYTES_WRITTEN: MetricSpec = spec(
+        "rebeld_checkpoint_bytes_written_total",
+        "Bytes of files committed in versions.",
+    );
+    /// Notices not produced.
+    pub const NOTICE_FAILURES: MetricSpec = spec(
+        "rebeld_checkpoint_notice_failures_total",
+        "Promotion notices that could not be produced to kafka.checkpoints_topic.",
+    );
+}
+
 /// Every metric rebeld registers itself (the `process_*` family comes from the
 /// `prometheus` crate's process collector).
 pub const CATALOGUE: &[MetricSpec] = &[
     BUILD_INFO,
+    DEVICE_MEMORY_ALLOCATED,
+    DEVICE_MEMORY_RESERVED,
     HTTP_REQUESTS,
     ingest::RECEIVED,
     ingest::BYTES,
@@ -236,6 +399,8 @@ pub const CATALOGUE: &[MetricSpec] = &[
     ingest::EVICTED_NEVER_TRAINED,
     train::STEPS,
     train::SKIPPED,
+    train::POSITION,
+    train::RESUME_FAILURES,
     train::UNUSABLE,
     train::LOSS,
     train::ROBUST_LOSS,
@@ -247,7 +412,115 @@ pub const CATALOGUE: &[MetricSpec] = &[
     train::LEARNING_RATE,
     train::TOKENS_PER_SECOND,
     train::STEP_SECONDS,
+    train::PENALTY,
+    train::ROLLBACKS,
+    train::LR_SCALE,
+    train::STALE,
+    train::ANCHOR_REFRESHES,
+    train::ANCHOR_VERSION,
+    train::SEGMENT_LOSS,
+    train::SEGMENT_WEIGHT,
+    checkpoint::PUBLISHED,
+    checkpoint::REJECTED,
+    checkpoint::FAILURES,
+    checkpoint::LATEST,
+    checkpoint::PUBLISH_SECONDS,
+    checkpoint::BYTES_WRITTEN,
+    checkpoint::NOTICE_FAILURES,
+    serve::DOWNLOADS_IN_FLIGHT,
+    serve::BYTES,
+    serve::REFUSED,
+    serve::LONG_POLLS,
 ];
+
+/// Publication metrics.
+#[derive(Clone)]
+pub struct CheckpointMetrics {
+    /// See [`checkpoint::PUBLISHED`].
+    pub published: IntCounter,
+    /// See [`checkpoint::REJECTED`].
+    pub rejected: IntCounterVec,
+    /// See [`checkpoint::FAILURES`].
+    pub failures: IntCounter,
+    /// See [`checkpoint::LATEST`].
+    pub latest_version: IntGauge,
+    /// See [`checkpoint::PUBLISH_SECONDS`].
+    pub publish_seconds: Histogram,
+    /// See [`checkpoint::BYTES_WRITTEN`].
+    pub bytes_written: IntCounter,
+    /// See [`checkpoint::NOTICE_FAILURES`].
+    pub notice_failures: IntCounter,
+}
+
+impl CheckpointMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |spec: MetricSpec| IntCounter::with_opts(opts(spec));
+        let seconds = checkpoint::PUBLISH_SECONDS;
+        let metrics = Self {
+            published: counter(checkpoint::PUBLISHED)?,
+            rejected: IntCounterVec::new(opts(checkpoint::REJECTED), checkpoint::REJECTED.labels)?,
+            failures: counter(checkpoint::FAILURES)?,
+            latest_version: IntGauge::with_opts(opts(checkpoint::LATEST))?,
+            publish_seconds: Histogram::with_opts(
+                HistogramOpts::new(seconds.name, seconds.help)
+                    .buckets(prometheus::exponential_buckets(0.05, 2.0, 14)?),
+            )?,
+            bytes_written: counter(checkpoint::BYTES_WRITTEN)?,
+            notice_failures: counter(checkpoint::NOTICE_FAILURES)?,
+        };
+        // Every gate's series exists from the start, so rates and alerts see zeros.
+        for gate in crate::train::gates::GATE_NAMES {
+            metrics.rejected.with_label_values(&[gate]);
+        }
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(metrics.published.clone()),
+            Box::new(metrics.rejected.clone()),
+            Box::new(metrics.failures.clone()),
+            Box::new(metrics.latest_version.clone()),
+            Box::new(metrics.publish_seconds.clone()),
+            Box::new(metrics.bytes_written.clone()),
+            Box::new(metrics.notice_failures.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector)?;
+        }
+        Ok(metrics)
+    }
+}
+
+/// Checkpoint serving metrics.
+#[derive(Clone)]
+pub struct ServeMetrics {
+    /// See [`serve::DOWNLOADS_IN_FLIGHT`].
+    pub downloads_in_flight: IntGauge,
+    /// See [`serve::BYTES`].
+    pub bytes: IntCounter,
+    /// See [`serve::REFUSED`].
+    pub refused: IntCounter,
+    /// See [`serve::LONG_POLLS`].
+    pub long_polls: IntGauge,
+}
+
+impl ServeMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let metrics = Self {
+            downloads_in_flight: IntGauge::with_opts(opts(serve::DOWNLOADS_IN_FLIGHT))?,
+            bytes: IntCounter::with_opts(opts(serve::BYTES))?,
+            refused: IntCounter::with_opts(opts(serve::REFUSED))?,
+            long_polls: IntGauge::with_opts(opts(serve::LONG_POLLS))?,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 4] = [
+            Box::new(metrics.downloads_in_flight.clone()),
+            Box::new(metrics.bytes.clone()),
+            Box::new(metrics.refused.clone()),
+            Box::new(metrics.long_polls.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector)?;
+        }
+        Ok(metrics)
+    }
+}
 
 /// Training metrics.
 #[derive(Clone)]
@@ -256,6 +529,10 @@ pub struct TrainMetrics {
     pub steps: IntCounter,
     /// See [`train::SKIPPED`].
     pub skipped: IntCounterVec,
+    /// See [`train::POSITION`].
+    pub position: IntGauge,
+    /// See [`train::RESUME_FAILURES`].
+    pub resume_failures: IntCounter,
     /// See [`train::UNUSABLE`].
     pub unusable_pairs: IntCounter,
     /// See [`train::LOSS`].
@@ -278,6 +555,22 @@ pub struct TrainMetrics {
     pub tokens_per_second: Gauge,
     /// See [`train::STEP_SECONDS`].
     pub step_seconds: Histogram,
+    /// See [`train::PENALTY`].
+    pub penalty: Gauge,
+    /// See [`train::ROLLBACKS`].
+    pub rollbacks: IntCounter,
+    /// See [`train::LR_SCALE`].
+    pub learning_rate_scale: Gauge,
+    /// See [`train::STALE`].
+    pub stale_pairs: IntCounter,
+    /// See [`train::ANCHOR_REFRESHES`].
+    pub anchor_refreshes: IntCounter,
+    /// See [`train::ANCHOR_VERSION`].
+    pub anchor_version: IntGauge,
+    /// See [`train::SEGMENT_LOSS`].
+    pub segment_loss: GaugeVec,
+    /// See [`train::SEGMENT_WEIGHT`].
+    pub segment_weight: GaugeVec,
 }
 
 impl TrainMetrics {
@@ -286,6 +579,8 @@ impl TrainMetrics {
         let metrics = Self {
             steps: IntCounter::with_opts(opts(train::STEPS))?,
             skipped: IntCounterVec::new(opts(train::SKIPPED), train::SKIPPED.labels)?,
+            position: IntGauge::with_opts(opts(train::POSITION))?,
+            resume_failures: IntCounter::with_opts(opts(train::RESUME_FAILURES))?,
             unusable_pairs: IntCounter::with_opts(opts(train::UNUSABLE))?,
             loss: gauge(train::LOSS)?,
             robust_loss: gauge(train::ROBUST_LOSS)?,
@@ -300,10 +595,24 @@ impl TrainMetrics {
                 HistogramOpts::new(train::STEP_SECONDS.name, train::STEP_SECONDS.help)
                     .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
             )?,
+            penalty: gauge(train::PENALTY)?,
+            rollbacks: IntCounter::with_opts(opts(train::ROLLBACKS))?,
+            learning_rate_scale: gauge(train::LR_SCALE)?,
+            stale_pairs: IntCounter::with_opts(opts(train::STALE))?,
+            anchor_refreshes: IntCounter::with_opts(opts(train::ANCHOR_REFRESHES))?,
+            anchor_version: IntGauge::with_opts(opts(train::ANCHOR_VERSION))?,
+            segment_loss: GaugeVec::new(opts(train::SEGMENT_LOSS), train::SEGMENT_LOSS.labels)?,
+            segment_weight: GaugeVec::new(
+                opts(train::SEGMENT_WEIGHT),
+                train::SEGMENT_WEIGHT.labels,
+            )?,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        metrics.learning_rate_scale.set(1.0);
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(metrics.steps.clone()),
             Box::new(metrics.skipped.clone()),
+            Box::new(metrics.position.clone()),
+            Box::new(metrics.resume_failures.clone()),
             Box::new(metrics.unusable_pairs.clone()),
             Box::new(metrics.loss.clone()),
             Box::new(metrics.robust_loss.clone()),
@@ -315,6 +624,14 @@ impl TrainMetrics {
             Box::new(metrics.learning_rate.clone()),
             Box::new(metrics.tokens_per_second.clone()),
             Box::new(metrics.step_seconds.clone()),
+            Box::new(metrics.penalty.clone()),
+            Box::new(metrics.rollbacks.clone()),
+            Box::new(metrics.learning_rate_scale.clone()),
+            Box::new(metrics.stale_pairs.clone()),
+            Box::new(metrics.anchor_refreshes.clone()),
+            Box::new(metrics.anchor_version.clone()),
+            Box::new(metrics.segment_loss.clone()),
+            Box::new(metrics.segment_weight.clone()),
         ];
         for collector in collectors {
             registry.register(collector)?;
@@ -322,7 +639,38 @@ impl TrainMetrics {
         for cause in ["non_finite_loss", "non_finite_gradient"] {
             metrics.skipped.with_label_values(&[cause]);
         }
+        metrics.register_segments(&[OTHER.to_owned()]);
         Ok(metrics)
+    }
+
+    /// Creates the per-segment series of `labels` (the configured segments and `other`), so
+    /// that they exist before the first step.
+    pub fn register_segments(&self, labels: &[String]) {
+        for label in labels {
+            // NaN until a step holds pairs of the segment: no data is not a zero loss.
+            self.segment_loss
+                .with_label_values(&[label.as_str()])
+                .set(f64::NAN);
+            self.segment_weight
+                .with_label_values(&[label.as_str()])
+                .set(0.0);
+        }
+    }
+
+    /// The per-segment gauges after an applied step: each segment's total weight, and its
+    /// mean loss when the step had pairs of it.
+    pub fn record_segments(&self, summaries: &[SegmentSummary]) {
+        for summary in summaries {
+            let label = [summary.label.as_str()];
+            self.segment_weight
+                .with_label_values(&label)
+                .set(summary.weight);
+            if summary.pairs > 0 {
+                self.segment_loss
+                    .with_label_values(&label)
+                    .set(summary.mean_loss);
+            }
+        }
     }
 }
 
@@ -431,6 +779,10 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     /// Training.
     pub train: TrainMetrics,
+    /// Publication.
+    pub checkpoint: CheckpointMetrics,
+    /// Checkpoint serving.
+    pub serve: ServeMetrics,
 }
 
 /// Facts reported by [`BUILD_INFO`].
@@ -472,19 +824,40 @@ impl Metrics {
 
         let ingest = IngestMetrics::register(&registry)?;
         let train = TrainMetrics::register(&registry)?;
+        let checkpoint = CheckpointMetrics::register(&registry)?;
+        let serve = ServeMetrics::register(&registry)?;
 
         Ok(Arc::new(Self {
             registry,
             http_requests,
             ingest,
             train,
+            checkpoint,
+            serve,
         }))
+    }
+
+    /// Exports the caching allocator's byte counts for CUDA device `index`, read at each
+    /// scrape; the families stay empty while the allocator cannot answer.
+    pub fn watch_cuda_memory(&self, index: usize) -> Result<(), MetricsError> {
+        let device = crate::device::device_name(tch::Device::Cuda(index));
+        let gauge =
+            |spec: MetricSpec| IntGauge::with_opts(opts(spec).const_label("device", &device));
+        self.registry.register(Box::new(CudaMemoryCollector {
+            index,
+            allocated: gauge(DEVICE_MEMORY_ALLOCATED)?,
+            reserved: gauge(DEVICE_MEMORY_RESERVED)?,
+        }))?;
+        Ok(())
     }
 
     /// Gauges and counters after a training step.
     pub fn record_step(&self, report: &StepReport, elapsed: std::time::Duration) {
         let train = &self.train;
         train.step_seconds.observe(elapsed.as_secs_f64());
+        if report.rolled_back {
+            train.rollbacks.inc();
+        }
         if let Some(cause) = report.skipped {
             let label = match cause {
                 SkipReason::NonFiniteLoss => "non_finite_loss",
@@ -498,6 +871,9 @@ impl Metrics {
         train.robust_loss.set(report.robust_loss);
         if report.dual.is_finite() {
             train.dual.set(report.dual);
+        }
+        if report.penalty.is_finite() {
+            train.penalty.set(report.penalty);
         }
         train
             .effective_sample_fraction
@@ -542,6 +918,35 @@ impl Metrics {
         Router::new()
             .route("/metrics", get(scrape))
             .with_state(self.clone())
+    }
+}
+
+/// The GPU memory gauges, refreshed from the allocator when Prometheus scrapes.
+struct CudaMemoryCollector {
+    index: usize,
+    allocated: IntGauge,
+    reserved: IntGauge,
+}
+
+impl Collector for CudaMemoryCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.allocated.desc();
+        descs.extend(self.reserved.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(memory) = crate::device::cuda_memory(self.index) else {
+            return Vec::new();
+        };
+        self.allocated
+            .set(i64::try_from(memory.allocated_bytes).unwrap_or(i64::MAX));
+        self.reserved
+            .set(i64::try_from(memory.reserved_bytes).unwrap_or(i64::MAX));
+
+        let mut families = self.allocated.collect();
+        families.extend(self.reserved.collect());
+        families
     }
 }
 
@@ -592,7 +997,8 @@ mod tests {
         metrics.ingest.consumer_lag.with_label_values(&["0"]).set(3);
 
         let text = String::from_utf8(metrics.render()).expect("utf-8");
-        for spec in CATALOGUE {
+        let on_cuda_only = |spec: &MetricSpec| CUDA_ONLY.iter().any(|c| c.name == spec.name);
+        for spec in CATALOGUE.iter().filter(|spec| !on_cuda_only(spec)) {
             assert!(
                 text.contains(&format!("# TYPE {}", spec.name)),
                 "{} missing",
@@ -600,5 +1006,33 @@ mod tests {
             );
         }
         assert!(text.contains("libtorch=\"2.11.0\""), "{text}");
+    }
+
+    #[test]
+    fn gpu_memory_families_appear_only_when_the_allocator_answers() {
+        let metrics = Metrics::new(&facts()).expect("registry");
+        metrics.watch_cuda_memory(0).expect("register");
+
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        match crate::device::cuda_memory(0) {
+            None => {
+                for spec in CUDA_ONLY {
+                    assert!(
+                        !text.contains(spec.name),
+                        "{} exported without a GPU",
+                        spec.name
+                    );
+                }
+            }
+            Some(memory) => {
+                let line = format!("{}{{device=\"cuda:0\"}} ", DEVICE_MEMORY_RESERVED.name);
+                let exported: u64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(line.as_str()))
+                    .and_then(|value| value.parse().ok())
+                    .expect("reserved bytes exported");
+                assert!(exported >= memory.allocated_bytes, "{text}");
+            }
+        }
     }
 }

@@ -3,6 +3,10 @@
 //! Formats: `rebeld` and `trl` lines are sent as they are (the daemon parses both);
 //! `hh-rlhf` lines are converted to rebeld events first, and a line that does not split into
 //! a shared prompt and two final assistant turns is reported and skipped.
+//!
+//! With segments, several files are interleaved: each event is drawn from one segment as a
+//! [`schedule::Schedule`] says and tagged with the segment's name (see [`tagged_event_value`]
+//! for how its id stays the id of the untagged line).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -13,9 +17,15 @@ use std::time::{Duration, Instant};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::event::hh_rlhf::hh_to_event;
+use crate::event::{parse_event, EventLimits};
+
+pub mod schedule;
+
+use schedule::{NamedFile, Schedule};
 
 /// Deliveries awaited at once before the oldest must finish.
 const MAX_IN_FLIGHT: usize = 10_000;
@@ -34,11 +44,31 @@ pub enum ReplayFormat {
     HhRlhf,
 }
 
+/// Where the events come from.
+#[derive(Clone, Debug)]
+pub enum ReplayInput {
+    /// One file; `.gz` is decompressed.
+    File(PathBuf),
+    /// Several files interleaved as named segments.
+    Segments(SegmentPlan),
+}
+
+/// Segments and how their traffic is shared out.
+#[derive(Clone, Debug)]
+pub struct SegmentPlan {
+    /// The segments, in the order of the schedule's shares.
+    pub segments: Vec<NamedFile>,
+    /// Each segment's share over the run.
+    pub schedule: Schedule,
+    /// Seed of the segment draws.
+    pub seed: u64,
+}
+
 /// What to replay, where, and how fast.
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
-    /// The input file; `.gz` is decompressed.
-    pub file: PathBuf,
+    /// The input.
+    pub input: ReplayInput,
     /// How lines are read.
     pub format: ReplayFormat,
     /// Bootstrap list.
@@ -47,9 +77,11 @@ pub struct ReplayOptions {
     pub topic: String,
     /// Events per second; `None` sends as fast as the broker takes them.
     pub rate: Option<f64>,
-    /// Stop after this many events.
+    /// Stop after this many events; with segments, the length the schedule spans (default:
+    /// the usable lines of every segment together).
     pub limit: Option<u64>,
-    /// Start over at the end of the file (until `limit`).
+    /// Start over at the end of the file (until `limit`); with segments, start a segment
+    /// over when it runs out instead of ending the run.
     pub repeat: bool,
     /// Print progress to standard error.
     pub progress: bool,
@@ -62,6 +94,11 @@ pub struct ReplaySummary {
     pub sent: u64,
     /// Lines skipped, by reason.
     pub skipped: BTreeMap<String, u64>,
+    /// With segments: events produced from each, in the plan's order.
+    pub segments: Vec<(String, u64)>,
+    /// With segments and without `repeat`: the segment that ran out of lines, ending the run
+    /// before `limit`.
+    pub exhausted: Option<String>,
 }
 
 impl ReplaySummary {
@@ -82,6 +119,9 @@ pub enum ReplayError {
         /// The failure.
         source: std::io::Error,
     },
+    /// A segment's file has no line that makes an event.
+    #[error("--segment {}={}: no usable line", .0.name, .0.path.display())]
+    EmptySegment(NamedFile),
     /// The producer could not be created.
     #[error("kafka producer: {0}")]
     Producer(#[from] KafkaError),
@@ -107,11 +147,14 @@ pub async fn replay(options: &ReplayOptions) -> Result<ReplaySummary, ReplayErro
         .create()?;
 
     let mut run = Run::new(options, producer);
-    loop {
-        let finished = run.pass().await?;
-        if finished || !options.repeat {
-            break;
-        }
+    match &options.input {
+        ReplayInput::File(path) => loop {
+            let finished = run.pass(path).await?;
+            if finished || !options.repeat {
+                break;
+            }
+        },
+        ReplayInput::Segments(plan) => run.segmented(plan).await?,
     }
     run.drain().await?;
     run.report_progress(true);
@@ -142,8 +185,7 @@ impl<'a> Run<'a> {
     }
 
     /// One pass over the file; true when the limit was reached.
-    async fn pass(&mut self) -> Result<bool, ReplayError> {
-        let path = &self.options.file;
+    async fn pass(&mut self, path: &Path) -> Result<bool, ReplayError> {
         for (number, line) in open_lines(path)?.enumerate() {
             let line = match line {
                 Ok(line) => line,
@@ -153,7 +195,7 @@ impl<'a> Run<'a> {
                 }
                 Err(source) => {
                     return Err(ReplayError::Read {
-                        path: path.clone(),
+                        path: path.to_owned(),
                         source,
                     })
                 }
@@ -181,10 +223,76 @@ impl<'a> Run<'a> {
     }
 
     fn skip(&mut self, line_number: usize, reason: &'static str) {
+        self.skip_at(format_args!("line {line_number}"), reason);
+    }
+
+    /// Counts a skipped line and reports `place` (where it was).
+    fn skip_at(&mut self, place: std::fmt::Arguments<'_>, reason: &'static str) {
         *self.summary.skipped.entry(reason.to_owned()).or_default() += 1;
         if self.options.progress {
-            eprintln!("replay: line {line_number} skipped: {reason}");
+            eprintln!("replay: {place} skipped: {reason}");
         }
+    }
+
+    /// Every segment's events, tagged; the schedule's draws pick which goes next.
+    async fn segmented(&mut self, plan: &SegmentPlan) -> Result<(), ReplayError> {
+        let mut pools = Vec::with_capacity(plan.segments.len());
+        for segment in &plan.segments {
+            pools.push(self.load_segment(segment)?);
+        }
+        self.summary.segments = plan.segments.iter().map(|s| (s.name.clone(), 0)).collect();
+        let total = self
+            .options
+            .limit
+            .unwrap_or_else(|| pools.iter().map(|pool| pool.len() as u64).sum());
+
+        let mut next = vec![0; pools.len()];
+        for index in plan.schedule.draws(total, plan.seed) {
+            if next[index] == pools[index].len() && self.options.repeat {
+                next[index] = 0;
+            }
+            let Some(value) = pools[index].get(next[index]) else {
+                self.summary.exhausted = Some(plan.segments[index].name.clone());
+                break;
+            };
+            next[index] += 1;
+            self.produce(value.clone()).await?;
+            self.summary.segments[index].1 += 1;
+            self.report_progress(false);
+        }
+        Ok(())
+    }
+
+    /// The tagged events of a segment's usable lines, in file order.
+    fn load_segment(&mut self, segment: &NamedFile) -> Result<Vec<String>, ReplayError> {
+        let mut events = Vec::new();
+        for (number, line) in open_lines(&segment.path)?.enumerate() {
+            let name = &segment.name;
+            let line = match line {
+                Ok(line) => line,
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    self.skip_at(format_args!("{name} line {}", number + 1), "invalid_utf8");
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ReplayError::Read {
+                        path: segment.path.clone(),
+                        source,
+                    })
+                }
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match tagged_event_value(self.options.format, &line, name) {
+                Ok(value) => events.push(value),
+                Err(reason) => self.skip_at(format_args!("{name} line {}", number + 1), reason),
+            }
+        }
+        if events.is_empty() {
+            return Err(ReplayError::EmptySegment(segment.clone()));
+        }
+        Ok(events)
     }
 
     async fn produce(&mut self, value: String) -> Result<(), ReplayError> {
@@ -256,8 +364,15 @@ impl<'a> Run<'a> {
         }
         self.last_progress = Instant::now();
         let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let segments = match self.summary.segments.as_slice() {
+            [] => String::new(),
+            counts => {
+                let each: Vec<String> = counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
+                format!(" ({})", each.join(", "))
+            }
+        };
         eprintln!(
-            "replay: {} produced, {} acknowledged, {} skipped, {:.0} events/s",
+            "replay: {} produced{segments}, {} acknowledged, {} skipped, {:.0} events/s",
             self.produced,
             self.summary.sent,
             self.summary.skipped_total(),
@@ -276,6 +391,28 @@ pub fn event_value(format: ReplayFormat, line: &str) -> Result<String, &'static 
     }
 }
 
+/// The message value for one line of segment `segment`: the event with `segment` set to the
+/// name and `id` set to the id the untagged event has (its own `id`, or the hash of its
+/// content, which would otherwise change with the tag). A resent or untagged copy of the line
+/// is therefore a duplicate of this one, and the held-out slice (chosen by id) is the same as
+/// for a replay without segments. A line that is not a valid event under the default limits
+/// cannot be tagged and is skipped, with the parser's reason.
+pub fn tagged_event_value(
+    format: ReplayFormat,
+    line: &str,
+    segment: &str,
+) -> Result<String, &'static str> {
+    let value = event_value(format, line)?;
+    let event = parse_event(Some(value.as_bytes()), &EventLimits::default())
+        .map_err(|rejection| rejection.reason.as_str())?;
+    let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(&value) else {
+        return Err("invalid_json");
+    };
+    object.insert("id".to_owned(), Value::String(event.id));
+    object.insert("segment".to_owned(), Value::String(segment.to_owned()));
+    Ok(Value::Object(object).to_string())
+}
+
 /// Lines of a plain or gzip-compressed file.
 pub fn open_lines(
     path: &Path,
@@ -291,4 +428,42 @@ pub fn open_lines(
         Box::new(BufReader::new(file))
     };
     Ok(Box::new(reader.lines()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parsed(value: &str) -> crate::event::PreferenceEvent {
+        parse_event(Some(value.as_bytes()), &EventLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn a_tag_keeps_the_id_of_the_untagged_line() {
+        let hh = r#"{"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
+            "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}"#;
+        let trl = r#"{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}"#;
+        let with_id = r#"{"id": "e7", "prompt": "Hi", "chosen": "Hello", "rejected": "No"}"#;
+        for (format, line) in [
+            (ReplayFormat::HhRlhf, hh),
+            (ReplayFormat::Trl, trl),
+            (ReplayFormat::Rebeld, with_id),
+        ] {
+            let untagged = parsed(&event_value(format, line).unwrap());
+            let tagged = parsed(&tagged_event_value(format, line, "helpful").unwrap());
+            assert_eq!(tagged.id, untagged.id, "{line}");
+            assert_eq!(tagged.segment.as_deref(), Some("helpful"));
+            assert_eq!(tagged.prompt, untagged.prompt);
+        }
+        assert_eq!(parsed(with_id).id, "e7");
+    }
+
+    #[test]
+    fn a_line_that_is_no_event_cannot_be_tagged() {
+        let found = tagged_event_value(ReplayFormat::Rebeld, "[1, 2]", "s");
+        assert_eq!(found, Err("wrong_type"));
+        let found = tagged_event_value(ReplayFormat::Trl, "{\"prompt\": \"Hi\"", "s");
+        assert_eq!(found, Err("invalid_json"));
+    }
 }

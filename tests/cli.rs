@@ -119,6 +119,39 @@ fn config_check_of_a_missing_file_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/rebeld.toml"));
 }
 
+/// `rebeld eval` of a model against itself: every margin is 0, so every pair is a tie.
+#[test]
+fn eval_reports_pairs_accuracy_and_margin() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/pairs.jsonl");
+    let out = output(
+        rebeld()
+            .args(["eval", "--model", TINY_MODEL, "--reference", TINY_MODEL])
+            .args(["--device", "cpu", "--data"])
+            .arg(&data),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "pairs 6",
+            "skipped 3",
+            "accuracy 0.500000",
+            "mean_margin 0.000000"
+        ]
+    );
+
+    let out = output(
+        rebeld()
+            .args(["eval", "--model", TINY_MODEL, "--reference", TINY_MODEL])
+            .args(["--device", "tpu", "--data"])
+            .arg(&data),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
+}
+
 /// Starts `rebeld run` and waits for its start-up line; returns the child and its stderr lines.
 fn start_daemon(config: &Path) -> (Child, mpsc::Receiver<String>) {
     let mut child = rebeld()
@@ -240,4 +273,44 @@ fn a_taken_port_fails_start_up_with_exit_1_and_names_the_listener() {
 
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("server.listen"), "{stderr}");
+}
+
+#[test]
+fn import_gguf_writes_a_folder_that_generate_answers_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("tiny");
+    let gguf = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny-llama-gguf/tiny-llama.gguf"
+    );
+    let imported = output(rebeld().args(["import", "gguf", gguf]).arg(&out));
+    assert!(imported.status.success(), "{imported:?}");
+    assert!(String::from_utf8_lossy(&imported.stdout).contains("21 tensors"));
+
+    let again = output(rebeld().args(["import", "gguf", gguf]).arg(&out));
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let generated = output(
+        rebeld()
+            .args([
+                "generate",
+                "--prompt",
+                "the cat",
+                "--max-new-tokens",
+                "6",
+                "--model",
+            ])
+            .arg(&out),
+    );
+    assert!(generated.status.success(), "{generated:?}");
+    assert!(!generated.stdout.is_empty());
+
+    let bad = output(
+        rebeld()
+            .args(["generate", "--prompt", "hi", "--top-p", "0", "--model"])
+            .arg(&out),
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("top-p"));
 }

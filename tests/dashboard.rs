@@ -141,3 +141,48 @@ fn metric_names_are_extracted_from_promql() {
     let histogram = metric_names("histogram_quantile(0.5, rate(rebeld_t_seconds_bucket[1m]))");
     assert_eq!(histogram, BTreeSet::from(["rebeld_t_seconds".into()]));
 }
+
+/// The `expr:` lines of `deploy/prometheus/rules.yml` (each rule's expression is one line).
+fn rule_expressions() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/rules.yml");
+    let text = std::fs::read_to_string(path).expect("rules.yml");
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("expr:"))
+        .map(|expr| expr.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn rules_use_only_catalogued_metrics_and_every_alert_has_severity_and_runbook() {
+    let catalogued: BTreeSet<&str> = CATALOGUE.iter().map(|spec| spec.name).collect();
+    let expressions = rule_expressions();
+    assert!(expressions.len() >= 8, "{expressions:?}");
+    for expr in &expressions {
+        for name in metric_names(expr) {
+            assert!(
+                catalogued.contains(name.as_str()),
+                "rules use {name}, not catalogued"
+            );
+        }
+    }
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/rules.yml");
+    let text = std::fs::read_to_string(path).expect("rules.yml");
+    let alerts = text.split("- alert:").skip(1).collect::<Vec<_>>();
+    assert!(alerts.len() >= 7, "{} alerts", alerts.len());
+    for alert in alerts {
+        let name = alert.lines().next().unwrap_or_default().trim();
+        assert!(alert.contains("severity:"), "{name} has no severity");
+        assert!(alert.contains("runbook:"), "{name} has no runbook line");
+    }
+}
+
+#[test]
+fn promtool_accepts_the_rules() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/rules.yml");
+    let output = std::process::Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+        .expect("promtool (Debian package prometheus, installed by scripts/setup)");
+    assert!(output.status.success(), "{output:?}");
+}

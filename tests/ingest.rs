@@ -93,9 +93,11 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     );
 
     let daemon = Daemon::start(&config);
-    wait_for("every pair in the buffer", Duration::from_secs(180), || {
-        daemon.metric("rebeld_buffer_rows") == Some(HH_PAIRS as f64)
-    });
+    daemon.wait_for_metric(
+        "rebeld_buffer_rows",
+        HH_PAIRS as f64,
+        Duration::from_secs(180),
+    );
     let status = daemon.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
     assert_exactly_once(dir.path());

@@ -97,7 +97,8 @@ pub enum DeviceSetting {
 }
 
 impl DeviceSetting {
-    fn parse(text: &str) -> Option<Self> {
+    /// Reads `auto`, `cpu` or `cuda:N`.
+    pub fn parse(text: &str) -> Option<Self> {
         match text {
             "auto" => Some(Self::Auto),
             "cpu" => Some(Self::Cpu),
@@ -200,6 +201,8 @@ pub struct ServerConfig {
     /// Longest long-poll.
     #[serde(with = "humantime_serde")]
     pub max_long_poll: Duration,
+    /// Base URL of the API in promotion notices, without a trailing slash.
+    pub public_url: String,
 }
 
 /// `[metrics]`, validated.
@@ -403,9 +406,16 @@ fn deserialize_raw(origin: &str, table: toml::Table) -> Result<RawConfig, Config
 /// Keys whose values are credentials: never echoed in errors or `config check`.
 pub fn is_sensitive(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "token", "sasl.oauthbearer", "ssl.key"]
+    let last = key.rsplit('.').next().unwrap_or_default();
+    // `max_prompt_tokens` counts tokens of text; `read_tokens` holds bearer tokens.
+    let token_count = last.starts_with("max_");
+    let names_tokens = last
+        .split(['_', '-'])
+        .any(|w| w == "token" || w == "tokens");
+    ["password", "secret", "sasl.oauthbearer", "ssl.key"]
         .iter()
         .any(|word| key.contains(word))
+        || (names_tokens && !token_count)
 }
 
 /// The value at a dotted key, as TOML would write it.
@@ -550,7 +560,24 @@ fn resolve_server(raw: RawServer) -> Result<ServerConfig, ConfigError> {
         request_timeout: raw.request_timeout,
         max_concurrent_downloads: raw.max_concurrent_downloads,
         max_long_poll: raw.max_long_poll,
+        public_url: public_url(&raw.public_url, listen)?,
     })
+}
+
+/// `server.public_url`, or `http://` and the listener; an `http(s)` URL without a trailing
+/// slash.
+fn public_url(written: &str, listen: SocketAddr) -> Result<String, ConfigError> {
+    if written.is_empty() {
+        return Ok(format!("http://{listen}"));
+    }
+    if !(written.starts_with("http://") || written.starts_with("https://")) {
+        return Err(ConfigError::invalid(
+            "server.public_url",
+            format!("{written:?}"),
+            "not an http:// or https:// URL",
+        ));
+    }
+    Ok(written.trim_end_matches('/').to_owned())
 }
 
 fn parse_listener(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -650,6 +677,7 @@ fn validate_batching(train: &TrainConfig) -> Result<(), ConfigError> {
 
 fn validate_checkpoint(checkpoint: &CheckpointConfig) -> Result<(), ConfigError> {
     positive_count("checkpoint.keep_versions", checkpoint.keep_versions)?;
+    positive_count("checkpoint.gate_pairs", checkpoint.gate_pairs)?;
     if !(0.0..1.0).contains(&checkpoint.holdout_fraction) {
         return Err(ConfigError::invalid(
             "checkpoint.holdout_fraction",

@@ -366,6 +366,8 @@ pub struct CheckpointConfig {
     pub dtype: WeightDtype,
     /// Share of events (by id hash) held out of training for the publication gates.
     pub holdout_fraction: f64,
+    /// Held-out pairs (the newest) the gates score at each publication.
+    pub gate_pairs: usize,
     /// A version whose held-out implicit-reward accuracy is lower than the latest's by more
     /// than this is rejected.
     pub max_accuracy_drop: f64,
@@ -382,6 +384,7 @@ impl Default for CheckpointConfig {
             keep_versions: 5,
             dtype: WeightDtype::Bf16,
             holdout_fraction: 0.02,
+            gate_pairs: 64,
             max_accuracy_drop: 0.02,
             max_kl: 0.05,
         }
@@ -418,6 +421,9 @@ pub struct RawServer {
     /// Longest `wait` a long-poll may ask for.
     #[serde(with = "humantime_serde")]
     pub max_long_poll: Duration,
+    /// The API's address as inference hosts reach it, for the URLs in promotion notices;
+    /// empty means `http://` and `listen`.
+    pub public_url: String,
 }
 
 impl Default for RawServer {
@@ -430,6 +436,7 @@ impl Default for RawServer {
             request_timeout: Duration::from_secs(30),
             max_concurrent_downloads: 64,
             max_long_poll: Duration::from_secs(60),
+            public_url: String::new(),
         }
     }
 }

@@ -192,3 +192,19 @@ fn kafka_properties_take_bare_numbers_and_mask_credentials() {
     let rendered = config.to_masked_toml();
     assert!(!rendered.contains("leak"), "{rendered}");
 }
+
+#[test]
+fn token_counts_are_settings_and_bearer_tokens_are_secrets() {
+    assert!(!is_sensitive("model.max_prompt_tokens"));
+    assert!(!is_sensitive("model.max_response_tokens"));
+    assert!(is_sensitive("server.read_tokens"));
+    assert!(is_sensitive("server.admin_tokens"));
+    assert!(is_sensitive("kafka.properties.sasl.oauthbearer.config"));
+
+    let env = vec![(
+        "REBELD__MODEL__MAX_PROMPT_TOKENS".to_owned(),
+        "192".to_owned(),
+    )];
+    let config = Config::from_toml("t", "", env).expect("a count from the environment");
+    assert_eq!(config.model.max_prompt_tokens, 192);
+}

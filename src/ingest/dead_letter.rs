@@ -3,9 +3,14 @@
 //! A rejected message's offset advances only after the dead-letter topic acknowledged it, so
 //! bad input is never silently dropped. Delivery is retried with backoff; while it fails the
 //! partition waits (losing the message would be worse) and each failure is counted.
+//!
+//! A message too large for the dead-letter topic itself (librdkafka's or the broker's
+//! `message.max.bytes`) could never be delivered whole, so its letter leaves out the value,
+//! then also the key and the original headers, and says so in [`OMITTED_HEADER`].
 
 use std::time::Duration;
 
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -23,6 +28,10 @@ pub const SOURCE_TOPIC_HEADER: &str = "rebeld.source.topic";
 pub const SOURCE_PARTITION_HEADER: &str = "rebeld.source.partition";
 /// Header with the source offset.
 pub const SOURCE_OFFSET_HEADER: &str = "rebeld.source.offset";
+
+/// Header present when the letter leaves out parts of a message too large to deliver whole:
+/// `value`, or `value,key,headers`.
+pub const OMITTED_HEADER: &str = "rebeld.omitted";
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -54,15 +63,16 @@ impl DeadLetters {
         token: &CancellationToken,
         mut on_failure: impl FnMut(&str),
     ) -> Result<(), DeliveryCancelled> {
-        let headers = dead_letter_headers(message, rejection);
+        let mut carry = Carry::Whole;
         let mut backoff = FIRST_BACKOFF;
 
         loop {
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers.clone());
-            if let Some(key) = message.key() {
+            let headers = dead_letter_headers(message, rejection, carry);
+            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+            if let Some(key) = message.key().filter(|_| carry != Carry::RebeldHeaders) {
                 record = record.key(key);
             }
-            if let Some(payload) = message.payload() {
+            if let Some(payload) = message.payload().filter(|_| carry == Carry::Whole) {
                 record = record.payload(payload);
             }
 
@@ -75,6 +85,12 @@ impl DeadLetters {
             };
 
             on_failure(&error.to_string());
+            if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+                if let Some(smaller) = carry.smaller() {
+                    carry = smaller;
+                    continue;
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 () = token.cancelled() => return Err(DeliveryCancelled),
@@ -84,10 +100,45 @@ impl DeadLetters {
     }
 }
 
-/// The original headers followed by rebeld's own.
-fn dead_letter_headers(message: &OwnedMessage, rejection: &Rejection) -> OwnedHeaders {
+/// How much of the rejected message a letter carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carry {
+    /// Key, value and headers.
+    Whole,
+    /// Key and headers.
+    WithoutValue,
+    /// Only rebeld's headers.
+    RebeldHeaders,
+}
+
+impl Carry {
+    /// The next smaller letter, after a size refusal.
+    fn smaller(self) -> Option<Self> {
+        match self {
+            Self::Whole => Some(Self::WithoutValue),
+            Self::WithoutValue => Some(Self::RebeldHeaders),
+            Self::RebeldHeaders => None,
+        }
+    }
+
+    fn omitted(self) -> Option<&'static str> {
+        match self {
+            Self::Whole => None,
+            Self::WithoutValue => Some("value"),
+            Self::RebeldHeaders => Some("value,key,headers"),
+        }
+    }
+}
+
+/// The original headers (unless `carry` leaves them out) followed by rebeld's own.
+fn dead_letter_headers(
+    message: &OwnedMessage,
+    rejection: &Rejection,
+    carry: Carry,
+) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    if let Some(original) = message.headers() {
+    let original = message.headers().filter(|_| carry != Carry::RebeldHeaders);
+    if let Some(original) = original {
         for header in original.iter() {
             headers = headers.insert(Header {
                 key: header.key,
@@ -109,6 +160,12 @@ fn dead_letter_headers(message: &OwnedMessage, rejection: &Rejection) -> OwnedHe
         headers = headers.insert(Header {
             key,
             value: Some(value.as_bytes()),
+        });
+    }
+    if let Some(omitted) = carry.omitted() {
+        headers = headers.insert(Header {
+            key: OMITTED_HEADER,
+            value: Some(omitted.as_bytes()),
         });
     }
     headers
@@ -157,7 +214,7 @@ mod tests {
         );
         let rejection = Rejection::new(RejectReason::InvalidJson, "EOF while parsing");
 
-        let headers = dead_letter_headers(&message, &rejection);
+        let headers = dead_letter_headers(&message, &rejection, Carry::Whole);
 
         assert_eq!(header_value(&headers, "trace-id").as_deref(), Some("abc"));
         assert_eq!(
@@ -176,6 +233,45 @@ mod tests {
             header_value(&headers, SOURCE_OFFSET_HEADER).as_deref(),
             Some("41")
         );
+    }
+
+    #[test]
+    fn smaller_letters_say_what_they_leave_out() {
+        let original = OwnedHeaders::new().insert(Header {
+            key: "trace-id",
+            value: Some(b"abc".as_slice()),
+        });
+        let message = OwnedMessage::new(
+            Some(vec![b'x'; 16]),
+            Some(b"k".to_vec()),
+            "prefs".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            Some(original),
+        );
+        let rejection = Rejection::new(RejectReason::TooLarge, "16 bytes");
+
+        let whole = dead_letter_headers(&message, &rejection, Carry::Whole);
+        let no_value = dead_letter_headers(&message, &rejection, Carry::WithoutValue);
+        let bare = dead_letter_headers(&message, &rejection, Carry::RebeldHeaders);
+
+        assert_eq!(header_value(&whole, OMITTED_HEADER), None);
+        assert_eq!(
+            header_value(&no_value, OMITTED_HEADER).as_deref(),
+            Some("value")
+        );
+        assert_eq!(header_value(&no_value, "trace-id").as_deref(), Some("abc"));
+        assert_eq!(
+            header_value(&bare, OMITTED_HEADER).as_deref(),
+            Some("value,key,headers")
+        );
+        assert_eq!(header_value(&bare, "trace-id"), None);
+        assert_eq!(
+            header_value(&bare, SOURCE_OFFSET_HEADER).as_deref(),
+            Some("7")
+        );
+        assert_eq!(Carry::RebeldHeaders.smaller(), None);
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! their acknowledgement, then appends the accepted ones and advances the partition offsets,
 //! all under one lock. A batch is applied whole or not at all.
 //!
-//! Periodically, on partition revoke and on shutdown, a checkpoint snapshots the buffer with
-//! the offsets and the dedup window (atomically), and only then commits the offsets to Kafka.
-//! After a restart the snapshot is restored; Kafka resumes at the committed offsets, which
-//! never run ahead of the snapshot, and messages below the snapshot's offsets are skipped.
+//! The buffer, the offsets and the dedup window are saved by the trainer as part of the resume
+//! state (`crate::resume`). Periodically, on partition revoke and on shutdown, ingest commits
+//! to Kafka the offsets of the newest durable resume state, never more. After a restart that
+//! state is restored; Kafka resumes at the committed offsets, which never run ahead of it,
+//! and messages below its offsets are skipped.
 
 pub mod convert;
 pub mod dead_letter;
@@ -25,14 +26,16 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Message};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::convert::Converter;
 use self::dead_letter::DeadLetters;
+use self::offsets::PartitionOffsets;
 use self::offsets::Position;
-use self::store::{SharedBuffer, SnapshotStore};
-use crate::buffer::{BufferError, PairRecord, SnapshotError};
+use self::store::SharedBuffer;
+use crate::buffer::{BufferError, PairRecord};
 use crate::config::KafkaConfig;
 use crate::event::Rejection;
 use crate::health::Readiness;
@@ -56,53 +59,43 @@ pub enum IngestError {
     /// The buffer refused rows.
     #[error("buffer: {0}")]
     Buffer(#[from] BufferError),
-    /// A snapshot could not be written; offsets were not committed.
-    #[error("snapshot: {0}")]
-    Snapshot(#[from] SnapshotError),
     /// A conversion thread panicked.
     #[error("conversion thread failed: {0}")]
     Conversion(#[from] tokio::task::JoinError),
 }
 
-/// Snapshot and commit: shared by the loop and the rebalance callback.
+/// Commits offsets to Kafka, never beyond the newest durable resume state: shared by the loop
+/// and the rebalance callback.
 pub struct Checkpointer {
     shared: Arc<SharedBuffer>,
-    snapshots: SnapshotStore,
+    durable: watch::Receiver<PartitionOffsets>,
     topic: String,
     metrics: Arc<Metrics>,
 }
 
 impl Checkpointer {
-    /// A checkpointer of `shared` into `snapshots`.
+    /// A committer of the offsets `durable` announces (see [`crate::resume`]).
     pub fn new(
         shared: Arc<SharedBuffer>,
-        snapshots: SnapshotStore,
+        durable: watch::Receiver<PartitionOffsets>,
         topic: String,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             shared,
-            snapshots,
+            durable,
             topic,
             metrics,
         }
     }
 
-    /// Snapshots the state, then commits the offsets of `partitions` (those assigned now).
+    /// Commits the durable offsets of `partitions` (those assigned now).
     pub fn checkpoint<C: ConsumerContext>(
         &self,
         consumer: &impl Consumer<C>,
         partitions: &[i32],
     ) -> Result<(), IngestError> {
-        let capture = self.shared.capture();
-        let written = self.snapshots.write(&capture)?;
-        self.metrics
-            .ingest
-            .snapshot_seconds
-            .observe(written.seconds);
-        self.metrics.ingest.snapshot_bytes.set(written.bytes as i64);
-
-        let offsets = capture.offsets();
+        let offsets = self.durable.borrow().clone();
         let mut list = TopicPartitionList::new();
         for &partition in partitions {
             if let Some(next) = offsets.next_offset(&self.topic, partition) {
@@ -110,16 +103,12 @@ impl Checkpointer {
             }
         }
         // Asynchronous: a synchronous commit blocks without a timeout while the broker is
-        // down, freezing the runtime. A commit that fails is simply older than the snapshot,
-        // and messages below the snapshot's offsets are skipped on restart anyway.
+        // down, freezing the runtime. A commit that fails is simply older than the resume
+        // state, and messages below its offsets are skipped on restart anyway.
         if list.count() > 0 {
             consumer.commit(&list, CommitMode::Async)?;
+            debug!(partitions = list.count(), "durable offsets committed");
         }
-        debug!(
-            bytes = written.bytes,
-            seconds = written.seconds,
-            "snapshot written, offsets committed"
-        );
         Ok(())
     }
 }
@@ -201,10 +190,10 @@ pub struct IngestParts {
     pub converter: Converter,
     /// The buffer shared with the trainer.
     pub shared: Arc<SharedBuffer>,
-    /// Where snapshots go.
-    pub snapshots: SnapshotStore,
-    /// How often to checkpoint.
-    pub snapshot_every: Duration,
+    /// The offsets of the newest durable resume state, the only ones ever committed.
+    pub durable: watch::Receiver<PartitionOffsets>,
+    /// How often to commit them.
+    pub commit_every: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Raised while partitions are assigned.
@@ -218,7 +207,7 @@ pub struct Ingest {
     converter: Converter,
     shared: Arc<SharedBuffer>,
     checkpointer: Arc<Checkpointer>,
-    snapshot_every: Duration,
+    commit_every: Duration,
     metrics: Arc<Metrics>,
     topic: String,
     pending: Vec<OwnedMessage>,
@@ -241,7 +230,7 @@ impl Ingest {
     pub fn start(parts: IngestParts) -> Result<Self, IngestError> {
         let checkpointer = Arc::new(Checkpointer::new(
             parts.shared.clone(),
-            parts.snapshots,
+            parts.durable,
             parts.kafka.topic.clone(),
             parts.metrics.clone(),
         ));
@@ -262,7 +251,7 @@ impl Ingest {
             converter: parts.converter,
             shared: parts.shared,
             checkpointer,
-            snapshot_every: parts.snapshot_every,
+            commit_every: parts.commit_every,
             metrics: parts.metrics,
             topic: parts.kafka.topic,
             pending: Vec::new(),
@@ -273,7 +262,7 @@ impl Ingest {
 
     /// Consumes until `token` fires, then checkpoints once more.
     pub async fn run(mut self, token: CancellationToken) -> Result<(), IngestError> {
-        let mut ticker = tokio::time::interval(self.snapshot_every);
+        let mut ticker = tokio::time::interval(self.commit_every);
         ticker.tick().await;
         let mut flush_at = None;
 
@@ -305,7 +294,7 @@ impl Ingest {
         self.flush(&token).await?;
         self.checkpoint_assigned()?;
         self.consumer.context().readiness.set_consuming(false);
-        info!("ingest stopped after a final checkpoint");
+        info!("ingest stopped after a final commit");
 
         // Closing the consumer leaves the group and may wait on an unreachable broker: do it
         // off the runtime, so the shutdown deadline still governs.

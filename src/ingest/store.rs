@@ -110,8 +110,14 @@ pub struct SnapshotWritten {
 }
 
 impl SnapshotStore {
-    /// Snapshots in `<data_dir>/ingest/buffer.arrow`.
-    pub fn in_data_dir(data_dir: &Path) -> Self {
+    /// A snapshot file at `path`.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// `<data_dir>/ingest/buffer.arrow`, where snapshots lived before the resume state
+    /// (`crate::resume`) held them; read once to carry a buffer over.
+    pub fn legacy_in_data_dir(data_dir: &Path) -> Self {
         Self {
             path: data_dir.join("ingest").join("buffer.arrow"),
         }

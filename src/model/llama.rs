@@ -17,6 +17,7 @@
 //! Every operation uses `tch`'s fallible `f_` calls, so a shape error or an out-of-memory
 //! error is a [`ModelError`] the trainer can handle, never a panic.
 
+use std::cell::Cell;
 use std::path::Path;
 
 use tch::nn::{self, VarStore};
@@ -81,10 +82,20 @@ impl RmsNorm {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor, TchError> {
         let kind = xs.kind();
-        let xs = xs.f_to_kind(Kind::Float)?;
-        let variance = xs.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let wide = at_least_f32(kind);
+        let xs = xs.f_to_kind(wide)?;
+        let variance = xs.f_square()?.f_mean_dim(-1, true, wide)?;
         let normed = xs.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
         self.weight.f_mul(&normed.f_to_kind(kind)?)
+    }
+}
+
+/// The dtype that norms and log-softmax compute in: fp32 for fp32 and narrower weights, f64
+/// for f64 ones (which finite-difference tests use).
+pub(crate) fn at_least_f32(kind: Kind) -> Kind {
+    match kind {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
     }
 }
 
@@ -149,7 +160,13 @@ struct RopeTables {
 
 impl RopeTables {
     fn new(inv_freq: &Tensor, seq_len: i64, kind: Kind) -> Result<Self, TchError> {
-        let positions = Tensor::f_arange(seq_len, (Kind::Float, inv_freq.device()))?;
+        Self::span(inv_freq, 0, seq_len, kind)
+    }
+
+    /// The tables of positions `start..start + len`.
+    fn span(inv_freq: &Tensor, start: i64, len: i64, kind: Kind) -> Result<Self, TchError> {
+        let positions =
+            Tensor::f_arange_start(start, start + len, (Kind::Float, inv_freq.device()))?;
         let freqs = positions.f_outer(inv_freq)?;
         let angles = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = angles.f_cos()?.f_to_kind(kind)?;
@@ -170,6 +187,25 @@ fn rotate_half(xs: &Tensor) -> Result<Tensor, TchError> {
     let x1 = xs.f_narrow(-1, 0, half)?;
     let x2 = xs.f_narrow(-1, half, half)?;
     Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)
+}
+
+thread_local! {
+    static MATH_ATTENTION: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with attention computed from its composite definition (matrix products and a
+/// softmax) on this thread instead of a fused kernel. The fused CPU and CUDA kernels have no
+/// second derivative; objectives that differentiate a gradient (double backprop) need this.
+/// Slower and heavier in memory; the results agree with the fused kernels to rounding.
+pub fn with_math_attention<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MATH_ATTENTION.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(MATH_ATTENTION.with(|m| m.replace(true)));
+    f()
 }
 
 /// Grouped-query self-attention.
@@ -200,13 +236,17 @@ impl Attention {
         })
     }
 
-    /// `xs`: `[b, seq_len, hidden]`; `mask`: `[b, 1, seq_len, seq_len]`, true where a query
+    /// `xs`: `[b, seq_len, hidden]`; `mask`: `[b, 1, seq_len, keys]`, true where a query
     /// may attend a key, or `None` for causal attention alone.
+    ///
+    /// With `cache`, the new keys and values are appended to the cached ones (created on the
+    /// first call) and the queries attend all of them; `mask` must then cover every key.
     fn forward(
         &self,
         xs: &Tensor,
         rope: &RopeTables,
         mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor, TchError> {
         let (b_sz, seq_len, _hidden) = xs.size3()?;
         let heads = |proj: &Linear, n: i64| {
@@ -215,8 +255,15 @@ impl Attention {
                 .f_transpose(1, 2)
         };
         let q = rope.apply(&heads(&self.q_proj, self.num_heads)?)?;
-        let k = rope.apply(&heads(&self.k_proj, self.num_kv_heads)?)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let mut k = rope.apply(&heads(&self.k_proj, self.num_kv_heads)?)?;
+        let mut v = heads(&self.v_proj, self.num_kv_heads)?;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::f_cat(&[past_k, &k], 2)?;
+                v = Tensor::f_cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.shallow_clone(), v.shallow_clone()));
+        }
 
         let ys = self.attend(&q, &k, &v, mask)?.f_transpose(1, 2)?;
         let ys = ys.f_reshape([b_sz, seq_len, self.num_heads * self.head_dim])?;
@@ -240,6 +287,27 @@ impl Attention {
             ),
             Some(_) => (self.repeat_kv(k)?, self.repeat_kv(v)?, false),
         };
+        if MATH_ATTENTION.with(Cell::get) {
+            // This kernel adds a mask to the scores as it is: a boolean one becomes 0 / −∞.
+            let additive = mask
+                .map(|m| {
+                    Tensor::f_zeros(m.size(), (q.kind(), q.device()))?
+                        .f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)
+                })
+                .transpose()?;
+            let (ys, _weights) = Tensor::f_internal_scaled_dot_product_attention_math(
+                q,
+                &k,
+                &v,
+                additive.as_ref(),
+                0.0,
+                mask.is_none(),
+                None,
+                None,
+                gqa,
+            )?;
+            return Ok(ys);
+        }
         Tensor::f_scaled_dot_product_attention(q, &k, &v, mask, 0.0, mask.is_none(), None, gqa)
     }
 
@@ -306,15 +374,39 @@ impl DecoderLayer {
         xs: &Tensor,
         rope: &RopeTables,
         mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor, TchError> {
         let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(xs)?, rope, mask)?;
+            .forward(&self.input_layernorm.forward(xs)?, rope, mask, cache)?;
         let xs = xs.f_add(&attn)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs.f_add(&mlp)
+    }
+}
+
+/// One layer's cached keys and values, `[b, kv_heads, seen, head_dim]` each.
+type LayerCache = Option<(Tensor, Tensor)>;
+
+/// The keys and values of every token seen so far, per layer, for incremental decoding with
+/// [`Llama::forward_cached`]. Made by [`Llama::new_cache`]; one per sequence being decoded.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: i64,
+}
+
+impl KvCache {
+    /// The number of positions cached.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -424,7 +516,7 @@ impl Llama {
 
         let mut xs = embeds.shallow_clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &rope, mask.as_ref())?;
+            xs = layer.forward(&xs, &rope, mask.as_ref(), None)?;
         }
         Ok(self.norm.forward(&xs)?)
     }
@@ -453,6 +545,52 @@ impl Llama {
         self.forward_embeds(&self.embed(input_ids)?, key_padding)
     }
 
+    /// An empty cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: self.layers.iter().map(|_| None).collect(),
+            len: 0,
+        }
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> tch::Device {
+        self.embed_tokens.device()
+    }
+
+    /// Logits `[b, t, vocab]` for `input_ids` (`[b, t]`) that continue the sequences whose
+    /// keys and values `cache` holds, at positions `cache.len()..cache.len() + t`; the new
+    /// keys and values are appended to `cache`. Attention is causal, over the cached and the
+    /// new tokens. From an empty cache this gives [`Llama::forward`]'s logits.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let embeds = self.embed(input_ids)?;
+        let (_b_sz, len, hidden) = embeds.size3()?;
+        let start = cache.len;
+        self.check_input(start + len, hidden)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "a cache of {} layers for a model of {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let rope = RopeTables::span(&self.inv_freq, start, len, embeds.kind())?;
+        let mask = match start {
+            0 => None,
+            _ => Some(offset_causal_mask(start, len, embeds.device())?),
+        };
+        let mut xs = embeds;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &rope, mask.as_ref(), Some(layer_cache))?;
+        }
+        cache.len += len;
+        self.logits(&self.norm.forward(&xs)?)
+    }
+
     fn check_input(&self, seq_len: i64, hidden: i64) -> Result<(), ModelError> {
         if hidden != self.config.hidden_size {
             let expected = self.config.hidden_size;
@@ -467,6 +605,14 @@ impl Llama {
             _ => Ok(()),
         }
     }
+}
+
+/// `[1, 1, len, start + len]` bool: query `i` (at position `start + i`) may attend key `j`
+/// when `j <= start + i`.
+fn offset_causal_mask(start: i64, len: i64, device: tch::Device) -> Result<Tensor, TchError> {
+    Tensor::f_ones([len, start + len], (Kind::Bool, device))?
+        .f_tril(start)?
+        .f_reshape([1, 1, len, start + len])
 }
 
 /// `[b, 1, t, t]` bool: query `i` may attend key `j` when `j <= i` and key `j` is real.
@@ -646,6 +792,17 @@ mod tests {
             .narrow(1, 0, n);
         assert!(alone.allclose(&causal, 1e-5, 1e-5, false));
         assert!(alone.allclose(&masked, 1e-5, 1e-5, false));
+
+        // The composite kernel (for double backprop) agrees, masked and causal alone; the
+        // padded positions' outputs differ from the real ones', so the mask must be applied.
+        let math = with_math_attention(|| model.forward(&ids(&padded), Some(&mask)))
+            .expect("forward")
+            .narrow(1, 0, n);
+        assert!(alone.allclose(&math, 1e-5, 1e-5, false));
+        let math = with_math_attention(|| model.forward(&ids(&real), None)).expect("forward");
+        assert!(alone.allclose(&math, 1e-5, 1e-5, false));
+        // The flag is scoped: outside, the fused kernel runs again.
+        assert!(!MATH_ATTENTION.with(Cell::get));
     }
 
     #[test]
@@ -758,15 +915,6 @@ mod tests {
         serde_json::from_slice(&output.stdout).expect("python prints JSON")
     }
 
-    const LOGITS_OF_FOLDER: &str = r#"
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-ids = torch.tensor([json.loads(sys.argv[2])])
-with torch.no_grad():
-    print(json.dumps(model(input_ids=ids).logits[0].tolist()))
-"#;
-
     fn assert_logits_match(found: &Tensor, expected: &serde_json::Value, tol: f64) {
         let expected: Vec<Vec<f64>> = serde_json::from_value(expected.clone()).expect("rows");
         let found = to_vec2(&found.squeeze_dim(0));
@@ -781,21 +929,64 @@ with torch.no_grad():
         }
     }
 
-    #[test]
-    fn transformers_loads_the_saved_folder_with_the_same_logits() {
+    /// Logits of `folder` loaded by `transformers` (`tests/fixtures/logits_of_folder.py`).
+    fn transformers_logits(python: &Path, folder: &Path, ids: &[i64]) -> serde_json::Value {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (request, response) = (dir.path().join("in.json"), dir.path().join("out.json"));
+        let body = serde_json::json!({"folder": folder, "ids": ids});
+        std::fs::write(&request, body.to_string()).expect("request");
+        let script = fixtures_dir().join("logits_of_folder.py");
+        let status = Command::new(python)
+            .args([&script, &request, &response])
+            .status()
+            .expect("python runs");
+        assert!(status.success(), "logits_of_folder.py failed: {status}");
+        let text = std::fs::read_to_string(&response).expect("response");
+        serde_json::from_str::<serde_json::Value>(&text).expect("JSON")["logits"].clone()
+    }
+
+    /// Saves the tiny model in `dtype` after moving every weight off the fixture's values,
+    /// and compares `transformers`' logits for the folder with rebeld's: those of the model
+    /// reloaded from the folder within `tol`, those of the unsaved model within `unsaved_tol`.
+    fn check_saved_folder_in_transformers(dtype: SaveDtype, tol: f64, unsaved_tol: f64) {
         let Some(python) = python() else { return };
         let (vs, model) = tiny_llama();
+        tch::manual_seed(5);
+        tch::no_grad(|| {
+            for (_, mut var) in vs.variables() {
+                let noise = var.randn_like() * 0.05;
+                let _ = var.g_add_(&noise);
+            }
+        });
         let dir = tempfile::tempdir().expect("tempdir");
-        model
-            .save_pretrained(&vs, dir.path(), SaveDtype::F32)
-            .expect("save");
-
+        model.save_pretrained(&vs, dir.path(), dtype).expect("save");
         let input: Vec<i64> = reference().input_ids;
-        let folder = dir.path().to_str().expect("utf-8 path");
-        let arg = serde_json::to_string(&input).expect("ids");
-        let expected = run_python(&python, LOGITS_OF_FOLDER, &[folder, &arg]);
-        let found = model.forward(&ids(&input), None).expect("forward");
-        assert_logits_match(&found, &expected, 1e-4);
+        let expected = transformers_logits(&python, dir.path(), &input);
+
+        let (_fixture_vs, fixture) = tiny_llama();
+        let unperturbed = fixture.forward(&ids(&input), None).expect("forward");
+        let unsaved = model.forward(&ids(&input), None).expect("forward");
+        let moved = (&unsaved - &unperturbed).abs().max().double_value(&[]);
+        assert!(
+            moved > 0.01,
+            "the perturbation moved the logits by {moved} only"
+        );
+        assert_logits_match(&unsaved, &expected, unsaved_tol);
+
+        let reloaded_vs = VarStore::new(Device::Cpu);
+        let reloaded = Llama::from_pretrained(&reloaded_vs, dir.path()).expect("reload");
+        let found = reloaded.forward(&ids(&input), None).expect("forward");
+        assert_logits_match(&found, &expected, tol);
+    }
+
+    #[test]
+    fn transformers_loads_a_saved_f32_folder_with_the_same_logits() {
+        check_saved_folder_in_transformers(SaveDtype::F32, 1e-4, 1e-4);
+    }
+
+    #[test]
+    fn transformers_loads_a_saved_bf16_folder_with_the_same_logits() {
+        check_saved_folder_in_transformers(SaveDtype::BF16, 1e-4, 5e-2);
     }
 
     /// Builds tiny random variants in `transformers`, saves them and prints their logits.

@@ -16,13 +16,14 @@
 //! beside longer neighbours.
 //!
 //! [`response_logprobs`] runs the model and returns, per sequence, the SUM of the response
-//! tokens' log-probabilities, with log-softmax computed in fp32 whatever the weights' dtype.
+//! tokens' log-probabilities, with log-softmax computed in fp32 whatever the weights' dtype
+//! (in f64 for f64 weights, which finite-difference tests use).
 //! Only the positions that predict a response token go through `lm_head`, so prompt logits
 //! are never materialized.
 
-use tch::{Device, Kind, TchError, Tensor};
+use tch::{Device, TchError, Tensor};
 
-use super::llama::{Llama, ModelError};
+use super::llama::{at_least_f32, Llama, ModelError};
 
 /// Why a sequence or batch could not be scored.
 #[derive(Debug, thiserror::Error)]
@@ -228,8 +229,8 @@ impl Batch {
 /// Per-sequence response log-probabilities.
 #[derive(Debug)]
 pub struct ResponseLogprobs {
-    /// `[b]` fp32: the sum of each sequence's response-token log-probabilities; carries the
-    /// autograd graph when computed with gradients.
+    /// `[b]` fp32 (f64 for an f64 model): the sum of each sequence's response-token
+    /// log-probabilities; carries the autograd graph when computed with gradients.
     pub sums: Tensor,
     /// How many tokens each sum adds up (response tokens, EOS included when not truncated).
     pub counts: Vec<i64>,
@@ -281,18 +282,11 @@ pub fn response_logprobs_from_embeds(
         });
     }
 
-    let hidden = model.hidden_states(embeds, Some(&batch.key_padding))?;
-    let width = hidden.size().last().copied().unwrap_or(0);
-    let predicting = hidden
-        .f_reshape([b_sz * seq_len, width])?
-        .f_index_select(0, &batch.positions)?;
-    let logits = model.logits(&predicting)?.f_to_kind(Kind::Float)?;
-    let logprobs = logits
-        .f_log_softmax(-1, Kind::Float)?
+    let logprobs = predicting_logprobs(model, batch, embeds)?
         .f_gather(1, &batch.targets.f_unsqueeze(1)?, false)?
         .f_squeeze_dim(1)?;
 
-    let zeros = Tensor::f_zeros([b_sz], (Kind::Float, logprobs.device()))?;
+    let zeros = Tensor::f_zeros([b_sz], (logprobs.kind(), logprobs.device()))?;
     let sums = zeros.f_index_add(0, &batch.rows, &logprobs)?;
     Ok(ResponseLogprobs {
         sums,
@@ -300,10 +294,46 @@ pub fn response_logprobs_from_embeds(
     })
 }
 
+/// `Σ KL(p(·|context) ‖ q(·|context))` over every position of `batch` that predicts a
+/// response token, and how many positions that is: how far `q` moved from `p` where it
+/// matters. Without gradients; fp32 whatever the weights' dtype.
+pub fn response_token_kl(p: &Llama, q: &Llama, batch: &Batch) -> Result<(f64, i64), LogprobError> {
+    check_vocab(p, batch)?;
+    check_vocab(q, batch)?;
+    tch::no_grad(|| {
+        let log_p = predicting_logprobs(p, batch, &p.embed(&batch.input_ids)?)?;
+        let log_q = predicting_logprobs(q, batch, &q.embed(&batch.input_ids)?)?;
+        let kl = log_p
+            .f_exp()?
+            .f_mul(&log_p.f_sub(&log_q)?)?
+            .f_sum(tch::Kind::Double)?;
+        Ok((f64::try_from(kl)?, batch.positions.size()[0]))
+    })
+}
+
+/// `[n, vocab]` log-probabilities (fp32, or f64 for an f64 model) at the positions of `batch`
+/// that predict response tokens, from input embeddings `[b, t, hidden]`.
+fn predicting_logprobs(
+    model: &Llama,
+    batch: &Batch,
+    embeds: &Tensor,
+) -> Result<Tensor, LogprobError> {
+    let (b_sz, seq_len) = batch.input_ids.size2()?;
+    let hidden = model.hidden_states(embeds, Some(&batch.key_padding))?;
+    let width = hidden.size().last().copied().unwrap_or(0);
+    let predicting = hidden
+        .f_reshape([b_sz * seq_len, width])?
+        .f_index_select(0, &batch.positions)?;
+    let kind = at_least_f32(predicting.kind());
+    let logits = model.logits(&predicting)?.f_to_kind(kind)?;
+    Ok(logits.f_log_softmax(-1, kind)?)
+}
+
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;
     use tch::nn::VarStore;
+    use tch::Kind;
 
     use super::super::llama::testing::{fixtures_dir, tiny_llama};
     use super::*;

@@ -3,6 +3,9 @@
 //! tokenizer with its chat template.
 
 pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod import;
 pub mod llama;
 pub mod logprobs;
 pub mod tokenizer;

@@ -325,7 +325,16 @@ struct IndexFile {
 /// buffers old checkpoints carry). Names, shapes and dtypes are all checked, over every shard,
 /// before any variable is written.
 pub fn load(vs: &VarStore, dir: &Path, ignore: impl Fn(&str) -> bool) -> Result<(), WeightsError> {
-    let headers = weight_files(dir)?
+    load_files(vs, &weight_files(dir)?, ignore)
+}
+
+/// Fills every variable of `vs` from the safetensors `files` together, strictly, as [`load`].
+pub fn load_files(
+    vs: &VarStore,
+    files: &[PathBuf],
+    ignore: impl Fn(&str) -> bool,
+) -> Result<(), WeightsError> {
+    let headers = files
         .iter()
         .map(|path| Header::read(path))
         .collect::<Result<Vec<_>, _>>()?;

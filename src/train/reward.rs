@@ -11,6 +11,11 @@
 use crate::buffer::{PairRecord, Preference};
 use crate::config::TrainConfig;
 
+/// The largest magnitude a pair's scaled reward difference may have; a pair beyond it is left
+/// out of training. Scores near the limits of f64 (which the event contract accepts) would
+/// otherwise give an infinite difference or a squared loss that swamps every other pair's.
+pub const MAX_REWARD_DIFFERENCE: f64 = 1e6;
+
 /// Why a pair has no reward difference. The pair must be skipped; retrying cannot help.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RewardError {
@@ -27,6 +32,18 @@ pub enum RewardError {
         /// The pair's event id.
         id: String,
         /// The offending confidence.
+        value: f64,
+    },
+
+    /// The scaled reward difference is not finite or exceeds [`MAX_REWARD_DIFFERENCE`].
+    #[error(
+        "pair {id} has reward difference {value}, beyond the ±{MAX_REWARD_DIFFERENCE} a pair \
+         may carry"
+    )]
+    OutOfRange {
+        /// The pair's event id.
+        id: String,
+        /// The scaled difference.
         value: f64,
     },
 }
@@ -58,8 +75,19 @@ impl RewardSpec {
 
     /// `Δr` for `record`, scaled (module docs).
     pub fn reward_difference(&self, record: &PairRecord) -> Result<f64, RewardError> {
+        let diff = self.reward_scale * self.unscaled_difference(record)?;
+        match diff.abs() <= MAX_REWARD_DIFFERENCE {
+            true => Ok(diff),
+            false => Err(RewardError::OutOfRange {
+                id: record.id.clone(),
+                value: diff,
+            }),
+        }
+    }
+
+    fn unscaled_difference(&self, record: &PairRecord) -> Result<f64, RewardError> {
         if let Some(diff) = self.mixture_difference(record) {
-            return Ok(self.reward_scale * diff);
+            return Ok(diff);
         }
         let diff = match record.preference {
             Some(Preference::A) => self.logit_confidence(record)?,
@@ -71,7 +99,7 @@ impl RewardSpec {
                 })
             }
         };
-        Ok(self.reward_scale * diff)
+        Ok(diff)
     }
 
     /// `Σ_k w_k (s_a,k − s_b,k)` when both responses score every weighted objective.
@@ -203,5 +231,34 @@ mod tests {
                 Err(RewardError::InvalidConfidence { .. })
             ));
         }
+    }
+
+    #[test]
+    fn differences_beyond_the_bound_are_left_out() {
+        let helpful = spec(&[("helpful", 1.0)], 1.0);
+        let scored = |a: f64, b: f64| {
+            let mut pair = record(None, None);
+            pair.scores_a = scores(&[("helpful", a)]);
+            pair.scores_b = scores(&[("helpful", b)]);
+            helpful.reward_difference(&pair)
+        };
+        assert_eq!(
+            scored(MAX_REWARD_DIFFERENCE, 0.0),
+            Ok(MAX_REWARD_DIFFERENCE)
+        );
+        // Each score is a finite f64; their difference overflows to infinity.
+        for (a, b) in [(1e308, -1e308), (6e5, -6e5), (-2e6, 0.0)] {
+            assert!(
+                matches!(scored(a, b), Err(RewardError::OutOfRange { .. })),
+                "{a} − {b}"
+            );
+        }
+        // The bound applies after scaling.
+        let scaled = spec(&[], 1e7);
+        let preferred = record(Some(Preference::A), None);
+        assert!(matches!(
+            scaled.reward_difference(&preferred),
+            Err(RewardError::OutOfRange { .. })
+        ));
     }
 }

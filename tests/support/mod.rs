@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -31,22 +31,27 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A port free at the time of asking.
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
+#[path = "../ports/mod.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// Waits for `check` to hold, polling; panics with `what` after `limit`.
-pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, limit: Duration, check: impl FnMut() -> bool) {
+    if !poll_until(limit, check) {
+        panic!("timed out after {limit:?} waiting for {what}");
+    }
+}
+
+/// Polls `check` every 100 ms for up to `limit`; whether it came to hold.
+fn poll_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until {
         if check() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("timed out after {limit:?} waiting for {what}");
+    false
 }
 
 /// A tansu broker on loopback with in-memory storage, stopped on drop.
@@ -59,47 +64,51 @@ impl Tansu {
     /// Starts the broker and creates rebeld's topics with `partitions` each.
     pub fn start(partitions: u32) -> Self {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu (installed by scripts/setup)");
-        let broker = Self {
-            child,
-            bootstrap: format!("127.0.0.1:{port}"),
-        };
-        wait_for("tansu to listen", Duration::from_secs(30), || {
-            TcpStream::connect(&broker.bootstrap).is_ok()
-        });
-        for topic in [TOPIC, DEAD_LETTER_TOPIC, "rebeld.checkpoints"] {
-            broker.create_topic(topic, partitions);
-        }
-        broker
+        let child = spawn_tansu(port, "memory://tansu/", None);
+        let bootstrap = format!("127.0.0.1:{port}");
+        create_topics(&bootstrap, partitions);
+        Self { child, bootstrap }
     }
+}
 
-    fn create_topic(&self, name: &str, partitions: u32) {
+/// A tansu broker on loopback `port` with `storage` (run in `dir` when given, where a
+/// relative storage path lives), once it listens.
+pub fn spawn_tansu(port: u16, storage: &str, dir: Option<&Path>) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut command = Command::new("tansu");
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let child = command
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", storage])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu (installed by scripts/setup)");
+    wait_for("tansu to listen", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    child
+}
+
+/// Creates rebeld's topics (events, dead letters, notices) with `partitions` each.
+pub fn create_topics(bootstrap: &str, partitions: u32) {
+    for topic in [TOPIC, DEAD_LETTER_TOPIC, "rebeld.checkpoints"] {
         let status = Command::new("tansu")
-            .args([
-                "topic",
-                "create",
-                name,
-                "--partitions",
-                &partitions.to_string(),
-            ])
-            .args(["--broker", &format!("tcp://{}", self.bootstrap)])
+            .args(["topic", "create", topic, "--partitions"])
+            .arg(partitions.to_string())
+            .args(["--broker", &format!("tcp://{bootstrap}")])
             .stdout(Stdio::null())
             .status()
             .expect("tansu topic create");
-        assert!(status.success(), "creating topic {name}");
+        assert!(status.success(), "creating topic {topic}");
     }
 }
 
@@ -163,12 +172,18 @@ pub struct Daemon {
     pub metrics_port: u16,
     pub api_port: u16,
     lines: mpsc::Receiver<String>,
+    history: std::cell::RefCell<Vec<String>>,
 }
 
 impl Daemon {
     /// Writes the config beside the data folder and starts the daemon; returns once it logged
     /// its start-up line.
     pub fn start(config: &DaemonConfig) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(config: &DaemonConfig, env: &[(&str, &str)]) -> Self {
         std::fs::create_dir_all(&config.data_dir).expect("data dir");
         let path = config.data_dir.join("rebeld.toml");
         std::fs::write(&path, &config.body).expect("write config");
@@ -178,6 +193,7 @@ impl Daemon {
             .arg(&path)
             .env_remove("LD_LIBRARY_PATH")
             .env("REBELD_LOG", "warn,rebeld=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -188,6 +204,7 @@ impl Daemon {
             metrics_port: config.metrics_port,
             api_port: config.api_port,
             lines,
+            history: Default::default(),
         };
         daemon.wait_for_line("rebeld started", Duration::from_secs(60));
         daemon
@@ -199,11 +216,51 @@ impl Daemon {
         loop {
             let left = until.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
+                Ok(line) => {
+                    self.history.borrow_mut().push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("no log line containing {needle:?} within {limit:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "rebeld exited before logging {needle:?}; its last lines:\n{}",
+                    self.last_lines(30)
+                ),
             }
         }
+    }
+
+    /// How many log lines since start contain `needle`, reading every line logged so far.
+    pub fn count_lines(&self, needle: &str) -> usize {
+        self.read_pending_lines();
+        let history = self.history.borrow();
+        history.iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Moves every line logged so far into the history.
+    fn read_pending_lines(&self) {
+        self.history.borrow_mut().extend(self.lines.try_iter());
+    }
+
+    /// The last `count` log lines read so far, one per line.
+    fn last_lines(&self, count: usize) -> String {
+        let history = self.history.borrow();
+        let skip = history.len().saturating_sub(count);
+        history[skip..].join("\n")
+    }
+
+    /// The first log line since start containing `needle`, waiting for it if need be.
+    pub fn find_line(&self, needle: &str, limit: Duration) -> String {
+        let seen = self
+            .history
+            .borrow()
+            .iter()
+            .find(|line| line.contains(needle))
+            .cloned();
+        seen.unwrap_or_else(|| self.wait_for_line(needle, limit))
     }
 
     /// The value of an unlabelled metric, if exposed.
@@ -211,6 +268,50 @@ impl Daemon {
         let text = http_get(self.metrics_port, "/metrics").ok()?.1;
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits for the unlabelled metric `name` to read `value`; on timeout, panics with its
+    /// last reading, the per-partition lag and the daemon's last log lines.
+    pub fn wait_for_metric(&self, name: &str, value: f64, limit: Duration) {
+        let mut last = None;
+        if poll_until(limit, || {
+            last = self.metric(name);
+            last == Some(value)
+        }) {
+            return;
+        }
+        let lag: Vec<String> = http_get(self.metrics_port, "/metrics")
+            .map(|(_, text)| text)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with("rebeld_ingest_consumer_lag"))
+            .map(str::to_owned)
+            .collect();
+        self.read_pending_lines();
+        panic!(
+            "{name} read {last:?}, not {value}, after {limit:?}\n{}\nlast log lines:\n{}",
+            lag.join("\n"),
+            self.last_lines(30)
+        );
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    pub fn wait_exit(mut self, limit: Duration) -> ExitStatus {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("rebeld did not exit within {limit:?}");
+    }
+
+    /// A JSON document from the checkpoint API.
+    pub fn api_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = http_get(self.api_port, path).expect("API request");
+        let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+        (status, json)
     }
 
     /// SIGKILL, no cleanup.
@@ -285,6 +386,27 @@ pub fn read_from_start(
     consumer
 }
 
+/// A plain HTTP/1.0 GET on loopback with the body as bytes: (status, body).
+pub fn http_get_bytes(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |at| at + 4);
+    let head = String::from_utf8_lossy(&response[..end]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Ok((status, response[end..].to_vec()))
+}
+
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
@@ -318,11 +440,16 @@ pub fn replay_hh(bootstrap: &str, extra: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The ids the daemon must end up with for the HH file, computed without the daemon:
-/// each line converted and parsed by the library.
+/// The ids the daemon must end up with for the HH file, computed without the daemon.
 pub fn hh_expected_ids() -> BTreeSet<String> {
+    expected_ids(&hh_file()).into_iter().collect()
+}
+
+/// The ids of an HH-RLHF file's events, computed without the daemon: each line converted and
+/// parsed by the library, in file order (a repeated event repeats its id).
+pub fn expected_ids(file: &Path) -> Vec<String> {
     let limits = rebeld::event::EventLimits::default();
-    rebeld::replay::open_lines(&hh_file())
+    rebeld::replay::open_lines(file)
         .expect("HH file")
         .map_while(Result::ok)
         .filter_map(|line| rebeld::event::hh_rlhf::hh_to_event(&line).ok())
@@ -335,9 +462,26 @@ pub fn hh_expected_ids() -> BTreeSet<String> {
         .collect()
 }
 
-/// The ids held by the daemon's last snapshot, in buffer order, and its lifetime counters.
+/// The newest complete resume generation of a data folder, found without touching it (the
+/// daemon may be running).
+pub fn resume_generation(data_dir: &Path) -> rebeld::resume::Generation {
+    let root = data_dir.join("resume");
+    let newest = std::fs::read_dir(&root)
+        .expect("resume folder")
+        .filter_map(|entry| {
+            let dir = entry.ok()?.path();
+            let number = dir.file_name()?.to_str()?.strip_prefix('g')?.parse().ok()?;
+            dir.join(rebeld::resume::MARKER_FILE)
+                .is_file()
+                .then_some(rebeld::resume::Generation { number, dir })
+        })
+        .max_by_key(|generation| generation.number);
+    newest.expect("a complete resume generation")
+}
+
+/// The ids held by the daemon's last resume state, in buffer order, and its lifetime counters.
 pub fn snapshot_contents(data_dir: &Path) -> (Vec<String>, rebeld::buffer::BufferStats) {
-    let path = data_dir.join("ingest").join("buffer.arrow");
+    let path = resume_generation(data_dir).file(rebeld::resume::BUFFER_FILE);
     let (buffer, _) = rebeld::buffer::read_snapshot(&path).expect("snapshot");
     let ids = buffer.ids().map(str::to_owned).collect();
     (ids, buffer.stats())
