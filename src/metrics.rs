@@ -119,6 +119,11 @@ pub mod ingest {
         "rebeld_ingest_consumer_errors_total",
         "Errors the Kafka consumer reported while receiving.",
     );
+    /// Rejoins after the group left this consumer short of partitions.
+    pub const GROUP_REJOINS: MetricSpec = spec(
+        "rebeld_ingest_group_rejoins_total",
+        "Times the consumer left and rejoined its group after being starved of partitions.",
+    );
     /// Messages behind the partition's high watermark.
     pub const CONSUMER_LAG: MetricSpec = MetricSpec {
         name: "rebeld_ingest_consumer_lag_messages",
@@ -390,6 +395,7 @@ pub const CATALOGUE: &[MetricSpec] = &[
     ingest::REPLAYED,
     ingest::DEAD_LETTER_FAILURES,
     ingest::CONSUMER_ERRORS,
+    ingest::GROUP_REJOINS,
     ingest::CONSUMER_LAG,
     ingest::SNAPSHOT_SECONDS,
     ingest::SNAPSHOT_BYTES,
@@ -693,6 +699,8 @@ pub struct IngestMetrics {
     pub dead_letter_failures: IntCounter,
     /// See [`ingest::CONSUMER_ERRORS`].
     pub consumer_errors: IntCounter,
+    /// See [`ingest::GROUP_REJOINS`].
+    pub group_rejoins: IntCounter,
     /// See [`ingest::CONSUMER_LAG`].
     pub consumer_lag: IntGaugeVec,
     /// See [`ingest::SNAPSHOT_SECONDS`].
@@ -720,6 +728,7 @@ impl IngestMetrics {
             replayed: IntCounter::with_opts(opts(ingest::REPLAYED))?,
             dead_letter_failures: IntCounter::with_opts(opts(ingest::DEAD_LETTER_FAILURES))?,
             consumer_errors: IntCounter::with_opts(opts(ingest::CONSUMER_ERRORS))?,
+            group_rejoins: IntCounter::with_opts(opts(ingest::GROUP_REJOINS))?,
             consumer_lag: IntGaugeVec::new(
                 opts(ingest::CONSUMER_LAG),
                 ingest::CONSUMER_LAG.labels,
@@ -734,7 +743,7 @@ impl IngestMetrics {
             evictions: IntCounterVec::new(opts(ingest::EVICTIONS), ingest::EVICTIONS.labels)?,
             evicted_never_trained: IntCounter::with_opts(opts(ingest::EVICTED_NEVER_TRAINED))?,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(metrics.received.clone()),
             Box::new(metrics.bytes.clone()),
             Box::new(metrics.accepted.clone()),
@@ -743,6 +752,7 @@ impl IngestMetrics {
             Box::new(metrics.replayed.clone()),
             Box::new(metrics.dead_letter_failures.clone()),
             Box::new(metrics.consumer_errors.clone()),
+            Box::new(metrics.group_rejoins.clone()),
             Box::new(metrics.consumer_lag.clone()),
             Box::new(metrics.snapshot_seconds.clone()),
             Box::new(metrics.snapshot_bytes.clone()),

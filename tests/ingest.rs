@@ -102,3 +102,45 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert!(status.success(), "{status:?}");
     assert_exactly_once(dir.path());
 }
+
+/// A member killed while it shares the group leaves its partitions to the survivor. tansu
+/// drops the dead member once its session expires but answers the survivor's rejoin with its
+/// old share, so the survivor must notice it is alone and short, and rejoin.
+#[test]
+fn a_survivor_takes_over_the_partitions_of_a_killed_member() {
+    let _serial = support::serial();
+    let broker = Tansu::start(3);
+    let first_dir = tempfile::tempdir().expect("tempdir");
+    let second_dir = tempfile::tempdir().expect("tempdir");
+    let first = Daemon::start(&DaemonConfig::new(first_dir.path(), &broker.bootstrap, ""));
+    first.wait_for_line("partitions assigned", Duration::from_secs(60));
+
+    let survivor = Daemon::start(&DaemonConfig::new(second_dir.path(), &broker.bootstrap, ""));
+    let share = survivor.wait_for_line("partitions assigned", Duration::from_secs(60));
+    first.wait_for_line("partitions assigned", Duration::from_secs(60));
+    assert!(
+        !share.contains("[0, 1, 2]"),
+        "the survivor took every partition while the first member lived: {share}"
+    );
+
+    first.kill();
+    let report = replay_hh(&broker.bootstrap, &[]);
+    assert!(
+        report.contains(&format!("sent {HH_PAIRS} events")),
+        "{report}"
+    );
+    survivor.wait_for_metric(
+        "rebeld_buffer_rows",
+        HH_PAIRS as f64,
+        Duration::from_secs(120),
+    );
+    // Not asserted: a broker that rebalances by itself needs no rejoin.
+    eprintln!(
+        "survivor rejoins: {:?}",
+        survivor.metric("rebeld_ingest_group_rejoins_total")
+    );
+
+    let status = survivor.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert_exactly_once(second_dir.path());
+}

@@ -13,6 +13,7 @@
 
 pub mod convert;
 pub mod dead_letter;
+pub mod group;
 pub mod kafka;
 pub mod offsets;
 pub mod store;
@@ -32,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use self::convert::Converter;
 use self::dead_letter::DeadLetters;
+use self::group::{GroupView, GroupWatch};
 use self::offsets::PartitionOffsets;
 use self::offsets::Position;
 use self::store::SharedBuffer;
@@ -45,8 +47,6 @@ use crate::metrics::Metrics;
 const MAX_BATCH: usize = 256;
 /// Longest a received message waits for its batch to fill.
 const BATCH_WAIT: Duration = Duration::from_millis(50);
-/// A consumer left without partitions this long rejoins its group.
-const REJOIN_AFTER: Duration = Duration::from_secs(30);
 /// At most one warning per this interval for repeated consumer errors.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -202,7 +202,7 @@ pub struct IngestParts {
 
 /// The running consumer.
 pub struct Ingest {
-    consumer: StreamConsumer<IngestContext>,
+    consumer: Arc<StreamConsumer<IngestContext>>,
     dead_letters: DeadLetters,
     converter: Converter,
     shared: Arc<SharedBuffer>,
@@ -210,9 +210,10 @@ pub struct Ingest {
     commit_every: Duration,
     metrics: Arc<Metrics>,
     topic: String,
+    group_id: String,
     pending: Vec<OwnedMessage>,
     last_warning: Option<Instant>,
-    unassigned_since: Option<Instant>,
+    group: GroupWatch,
 }
 
 enum Step {
@@ -246,7 +247,7 @@ impl Ingest {
             kafka::producer_config(&parts.kafka, &parts.bootstrap).create()?;
 
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             dead_letters: DeadLetters::new(producer, parts.kafka.dead_letter_topic.clone()),
             converter: parts.converter,
             shared: parts.shared,
@@ -254,9 +255,10 @@ impl Ingest {
             commit_every: parts.commit_every,
             metrics: parts.metrics,
             topic: parts.kafka.topic,
+            group_id: parts.kafka.group_id,
             pending: Vec::new(),
             last_warning: None,
-            unassigned_since: None,
+            group: GroupWatch::default(),
         })
     }
 
@@ -272,7 +274,8 @@ impl Ingest {
                 Step::Stop => break,
                 Step::Checkpoint => {
                     self.flush(&token).await?;
-                    self.checkpoint_assigned()?;
+                    let assigned = self.checkpoint_assigned()?;
+                    self.rejoin_if_starved(assigned).await?;
                 }
                 Step::Received(Ok(message)) => {
                     self.drop_revoked();
@@ -350,31 +353,61 @@ impl Ingest {
         }
     }
 
-    fn checkpoint_assigned(&mut self) -> Result<(), IngestError> {
+    /// Commits the durable offsets of the assigned partitions; returns how many there are.
+    fn checkpoint_assigned(&mut self) -> Result<usize, IngestError> {
         let partitions = self.assigned_partitions()?;
-        self.checkpointer.checkpoint(&self.consumer, &partitions)?;
-        self.rejoin_if_starved(partitions.is_empty())
+        self.checkpointer.checkpoint(&*self.consumer, &partitions)?;
+        Ok(partitions.len())
     }
 
-    /// A group can leave a member with no partition after another member died (seen with
-    /// some brokers' coordinators); rejoining asks for a fresh assignment.
-    fn rejoin_if_starved(&mut self, unassigned: bool) -> Result<(), IngestError> {
-        if !unassigned {
-            self.unassigned_since = None;
+    /// Leaves and rejoins the group after being starved for a while (see [`group`]): a
+    /// coordinator can leave a survivor holding only its old share after a member died.
+    async fn rejoin_if_starved(&mut self, assigned: usize) -> Result<(), IngestError> {
+        if self.group.check_due(assigned, Instant::now()) {
+            let view = self.ask_about_group().await?;
+            self.group.record(view, Instant::now());
+        }
+        if !self.group.should_rejoin(assigned, Instant::now()) {
             return Ok(());
         }
-        let since = *self.unassigned_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < REJOIN_AFTER {
-            return Ok(());
-        }
+
         warn!(
-            seconds = REJOIN_AFTER.as_secs(),
-            "no partition assigned for a while; rejoining the group"
+            assigned,
+            seconds = group::REJOIN_AFTER.as_secs(),
+            "short of partitions for a while; rejoining the group for a fresh assignment"
         );
+        self.metrics.ingest.group_rejoins.inc();
         self.consumer.unsubscribe();
         self.consumer.subscribe(&[self.topic.as_str()])?;
-        self.unassigned_since = None;
         Ok(())
+    }
+
+    /// The broker's view of the group, or `None` when it did not answer in time.
+    async fn ask_about_group(&self) -> Result<Option<GroupView>, IngestError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let group_id = self.group_id.clone();
+        let answer =
+            tokio::task::spawn_blocking(move || GroupView::fetch(&*consumer, &topic, &group_id))
+                .await?;
+        match answer {
+            Ok(Some(view)) => {
+                debug!(
+                    members = view.members,
+                    partitions = view.partitions,
+                    "group described"
+                );
+                Ok(Some(view))
+            }
+            Ok(None) => {
+                debug!("the broker did not describe the group");
+                Ok(None)
+            }
+            Err(error) => {
+                debug!(%error, "group description unavailable");
+                Ok(None)
+            }
+        }
     }
 
     fn assigned_partitions(&self) -> Result<Vec<i32>, IngestError> {
