@@ -1,19 +1,24 @@
 //! Noticing that the group coordinator has left this consumer short of partitions.
 //!
 //! A member that dies without leaving keeps its partitions until its session expires. Kafka
-//! then rebalances; some coordinators (tansu 0.6 among them) instead drop the dead member and
-//! answer the survivor's rejoin with its old assignment, so the dead member's partitions are
-//! read by nobody, for ever. Only the broker knows who is still in the group, so a consumer
-//! holding fewer partitions than the topic has asks it (a `DescribeGroups` and a metadata
-//! request, every [`CHECK_EVERY`]). Starved for [`REJOIN_AFTER`] in a row, the consumer leaves
-//! and rejoins, which forces a fresh assignment on any coordinator.
+//! then rebalances; tansu 0.6 instead drops the dead member and answers the survivor's rejoin
+//! with its old assignment, so the dead member's partitions are read by nobody, for ever.
+//! Only the broker knows who is still in the group, so a consumer holding fewer partitions
+//! than the topic has asks it every [`CHECK_EVERY`] (a metadata request, then librdkafka's
+//! group listing: `ListGroups` to each broker and `DescribeGroups` to the coordinator).
+//! Starved for [`REJOIN_AFTER`] in a row, the consumer leaves the group and joins afresh;
+//! the leave makes the coordinator start a new generation and assign every partition.
+//!
+//! What this does not catch: with two or more survivors, each holds some partitions in a
+//! group of several members, which is also what a healthy group looks like.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 
-/// How often a consumer short of partitions asks the broker about its group.
+/// How often a consumer short of partitions asks the broker about its group; a starved
+/// consumer rejoins after being found starved at every check for [`REJOIN_AFTER`].
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait for each of the broker's two answers.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,8 +35,9 @@ pub struct GroupView {
 }
 
 impl GroupView {
-    /// Asks the broker; blocks for up to twice [`CHECK_TIMEOUT`]. `None` when the broker
-    /// does not describe the group.
+    /// Asks the broker; blocks for up to twice [`CHECK_TIMEOUT`]. `None` when the answer
+    /// cannot be relied on: the topic is unknown or has no partition, or the group is not
+    /// described as settled (`Stable`) with at least one member.
     pub fn fetch<C: ConsumerContext>(
         consumer: &impl Consumer<C>,
         topic: &str,
@@ -41,16 +47,20 @@ impl GroupView {
         let partitions = metadata
             .topics()
             .iter()
-            .find(|t| t.name() == topic)
+            .find(|t| t.name() == topic && t.error().is_none())
             .map_or(0, |t| t.partitions().len());
         drop(metadata);
+        if partitions == 0 {
+            return Ok(None);
+        }
 
         let groups = consumer.fetch_group_list(Some(group), CHECK_TIMEOUT)?;
         let members = groups
             .groups()
             .iter()
-            .find(|g| g.name() == group)
-            .map(|g| g.members().len());
+            .find(|g| g.name() == group && g.state() == "Stable")
+            .map(|g| g.members().len())
+            .filter(|&members| members > 0);
         drop(groups);
 
         Ok(members.map(|members| Self {
@@ -61,8 +71,9 @@ impl GroupView {
 }
 
 /// Whether a consumer holding `assigned` partitions is starved: alone in its group yet short
-/// of the topic's partitions, or holding none while the group has fewer members than the
-/// topic has partitions. Without the broker's view only holding none counts.
+/// of the topic's partitions, or holding none while the group has no more members than the
+/// topic has partitions (so each member should have one). Without the broker's view only
+/// holding none counts.
 pub fn starved(assigned: usize, view: Option<GroupView>) -> bool {
     match view {
         None => assigned == 0,
@@ -75,25 +86,19 @@ pub fn starved(assigned: usize, view: Option<GroupView>) -> bool {
 #[derive(Debug, Default)]
 pub struct GroupWatch {
     view: Option<GroupView>,
-    checked_at: Option<Instant>,
     starved_since: Option<Instant>,
 }
 
 impl GroupWatch {
-    /// Whether to ask the broker now: [`CHECK_EVERY`] has passed since the last answer and
-    /// this consumer may be short (it holds fewer partitions than the topic last had).
-    pub fn check_due(&self, assigned: usize, now: Instant) -> bool {
-        let short = self.view.is_none_or(|view| assigned < view.partitions);
-        let waited = self
-            .checked_at
-            .is_none_or(|at| now.duration_since(at) >= CHECK_EVERY);
-        short && waited
+    /// Whether to ask the broker: this consumer may be short, holding fewer partitions
+    /// than the topic last had (or nothing is known yet).
+    pub fn should_ask(&self, assigned: usize) -> bool {
+        self.view.is_none_or(|view| assigned < view.partitions)
     }
 
-    /// Keeps the broker's answer; `None` when it could not be had.
-    pub fn record(&mut self, view: Option<GroupView>, now: Instant) {
+    /// Keeps the broker's answer; `None` when it could not be had or relied on.
+    pub fn record(&mut self, view: Option<GroupView>) {
         self.view = view;
-        self.checked_at = Some(now);
     }
 
     /// The last answer kept.
@@ -154,7 +159,7 @@ mod tests {
     fn rejoins_only_after_being_starved_without_a_break() {
         let start = Instant::now();
         let mut watch = GroupWatch::default();
-        watch.record(view(1, 3), start);
+        watch.record(view(1, 3));
 
         assert!(!watch.should_rejoin(2, start));
         assert!(!watch.should_rejoin(2, start + REJOIN_AFTER / 2));
@@ -166,20 +171,15 @@ mod tests {
     }
 
     #[test]
-    fn asks_the_broker_only_when_short_and_not_too_often() {
-        let start = Instant::now();
+    fn asks_the_broker_only_while_short() {
         let mut watch = GroupWatch::default();
-        assert!(watch.check_due(3, start), "nothing known yet");
+        assert!(watch.should_ask(3), "nothing known yet");
 
-        watch.record(view(1, 3), start);
-        assert!(
-            !watch.check_due(3, start + CHECK_EVERY),
-            "holds every partition"
-        );
-        assert!(
-            !watch.check_due(2, start + CHECK_EVERY / 2),
-            "asked too recently"
-        );
-        assert!(watch.check_due(2, start + CHECK_EVERY));
+        watch.record(view(1, 3));
+        assert!(!watch.should_ask(3), "holds every partition");
+        assert!(watch.should_ask(2));
+
+        watch.record(None);
+        assert!(watch.should_ask(3), "the last answer was unusable");
     }
 }

@@ -214,13 +214,21 @@ pub struct Ingest {
     pending: Vec<OwnedMessage>,
     last_warning: Option<Instant>,
     group: GroupWatch,
+    group_undescribed: bool,
 }
 
 enum Step {
     Stop,
     Checkpoint,
+    WatchGroup,
     Received(Result<OwnedMessage, KafkaError>),
     Flush,
+}
+
+/// The loop's clocks: durable offsets are committed on one, the group is watched on the other.
+struct Tickers {
+    checkpoint: tokio::time::Interval,
+    group: tokio::time::Interval,
 }
 
 /// The outcome of converting one message.
@@ -259,24 +267,29 @@ impl Ingest {
             pending: Vec::new(),
             last_warning: None,
             group: GroupWatch::default(),
+            group_undescribed: false,
         })
     }
 
     /// Consumes until `token` fires, then checkpoints once more.
     pub async fn run(mut self, token: CancellationToken) -> Result<(), IngestError> {
-        let mut ticker = tokio::time::interval(self.commit_every);
-        ticker.tick().await;
+        let mut tickers = Tickers {
+            checkpoint: tokio::time::interval(self.commit_every),
+            group: tokio::time::interval(group::CHECK_EVERY),
+        };
+        tickers.checkpoint.tick().await;
+        tickers.group.tick().await;
         let mut flush_at = None;
 
         loop {
-            let step = self.next_step(&token, &mut ticker, flush_at).await;
+            let step = self.next_step(&token, &mut tickers, flush_at).await;
             match step {
                 Step::Stop => break,
                 Step::Checkpoint => {
                     self.flush(&token).await?;
-                    let assigned = self.checkpoint_assigned()?;
-                    self.rejoin_if_starved(assigned).await?;
+                    self.checkpoint_assigned()?;
                 }
+                Step::WatchGroup => self.rejoin_if_starved().await?,
                 Step::Received(Ok(message)) => {
                     self.drop_revoked();
                     flush_at.get_or_insert_with(|| tokio::time::Instant::now() + BATCH_WAIT);
@@ -308,7 +321,7 @@ impl Ingest {
     async fn next_step(
         &self,
         token: &CancellationToken,
-        ticker: &mut tokio::time::Interval,
+        tickers: &mut Tickers,
         flush_at: Option<tokio::time::Instant>,
     ) -> Step {
         let flush = async {
@@ -320,7 +333,8 @@ impl Ingest {
         tokio::select! {
             biased;
             () = token.cancelled() => Step::Stop,
-            _ = ticker.tick() => Step::Checkpoint,
+            _ = tickers.checkpoint.tick() => Step::Checkpoint,
+            _ = tickers.group.tick() => Step::WatchGroup,
             () = flush => Step::Flush,
             received = self.consumer.recv() => Step::Received(received.map(|m| m.detach())),
         }
@@ -353,19 +367,20 @@ impl Ingest {
         }
     }
 
-    /// Commits the durable offsets of the assigned partitions; returns how many there are.
-    fn checkpoint_assigned(&mut self) -> Result<usize, IngestError> {
+    /// Commits the durable offsets of the assigned partitions.
+    fn checkpoint_assigned(&mut self) -> Result<(), IngestError> {
         let partitions = self.assigned_partitions()?;
         self.checkpointer.checkpoint(&*self.consumer, &partitions)?;
-        Ok(partitions.len())
+        Ok(())
     }
 
     /// Leaves and rejoins the group after being starved for a while (see [`group`]): a
     /// coordinator can leave a survivor holding only its old share after a member died.
-    async fn rejoin_if_starved(&mut self, assigned: usize) -> Result<(), IngestError> {
-        if self.group.check_due(assigned, Instant::now()) {
+    async fn rejoin_if_starved(&mut self) -> Result<(), IngestError> {
+        let assigned = self.assigned_partitions()?.len();
+        if self.group.should_ask(assigned) {
             let view = self.ask_about_group().await?;
-            self.group.record(view, Instant::now());
+            self.group.record(view);
         }
         if !self.group.should_rejoin(assigned, Instant::now()) {
             return Ok(());
@@ -382,14 +397,17 @@ impl Ingest {
         Ok(())
     }
 
-    /// The broker's view of the group, or `None` when it did not answer in time.
-    async fn ask_about_group(&self) -> Result<Option<GroupView>, IngestError> {
+    /// The broker's view of the group, or `None` when it gave none that can be relied on.
+    /// The first failure in a row is a warning: without the view, only a consumer holding
+    /// no partition rejoins.
+    async fn ask_about_group(&mut self) -> Result<Option<GroupView>, IngestError> {
         let consumer = self.consumer.clone();
         let topic = self.topic.clone();
         let group_id = self.group_id.clone();
         let answer =
             tokio::task::spawn_blocking(move || GroupView::fetch(&*consumer, &topic, &group_id))
                 .await?;
+        let failed_before = std::mem::replace(&mut self.group_undescribed, answer.is_err());
         match answer {
             Ok(Some(view)) => {
                 debug!(
@@ -400,11 +418,15 @@ impl Ingest {
                 Ok(Some(view))
             }
             Ok(None) => {
-                debug!("the broker did not describe the group");
+                debug!("group not settled or topic unknown; no view this time");
+                Ok(None)
+            }
+            Err(error) if failed_before => {
+                debug!(%error, "group still not described");
                 Ok(None)
             }
             Err(error) => {
-                debug!(%error, "group description unavailable");
+                warn!(%error, "could not describe the consumer group; retrying every 10 s");
                 Ok(None)
             }
         }
