@@ -16,8 +16,12 @@
 //! run rebeld alone, as `benches/gpu.sh` does), `REBELD_BENCH_PROMPT_TOKENS` and
 //! `REBELD_BENCH_RESPONSE_TOKENS` (default 48 and 24), `REBELD_BENCH_KEEP_BATCH` (set to
 //! keep the baselines' batch file, for `benches/train_step.py FILE --profile`),
-//! `REBELD_BENCH_ROOT` (the repository root, default the one it was built in) and
-//! `REBELD_BENCH_HH` (the HH-RLHF file, relative to the root).
+//! `REBELD_BENCH_ROOT` (the repository root, default the one it was built in),
+//! `REBELD_BENCH_HH` (the HH-RLHF file, relative to the root) and
+//! `REBELD_BENCH_LENGTH_BUCKETS` (default 1: rebeld pads as the baselines do; with N > 1
+//! rebeld's step is timed a second time with `train.length_buckets = N`, its sequences split
+//! into at most N forward passes by length, and compared with the padded baselines: the
+//! real-length comparison, run with the daemon's limits of 512 and 256 tokens).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,6 +32,7 @@ use rebeld::buffer::{PairRecord, Preference};
 use rebeld::config::{Objective, TrainConfig};
 use rebeld::event::hh_rlhf::split_dialogues;
 use rebeld::event::Content;
+use rebeld::model::buckets::padded_tokens;
 use rebeld::model::llama::Llama;
 use rebeld::model::logprobs::{Limits, Sequence};
 use rebeld::model::tokenizer::PolicyTokenizer;
@@ -49,6 +54,7 @@ struct Settings {
     device: Device,
     bf16: bool,
     baselines: bool,
+    length_buckets: usize,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -79,6 +85,9 @@ fn settings() -> Settings {
         device,
         bf16: env_or("REBELD_BENCH_BF16", "0") == "1",
         baselines: env_or("REBELD_BENCH_BASELINES", "1") == "1",
+        length_buckets: env_or("REBELD_BENCH_LENGTH_BUCKETS", "1")
+            .parse()
+            .expect("length buckets"),
     }
 }
 
@@ -139,7 +148,7 @@ fn load(dir: &Path, settings: &Settings) -> (VarStore, Llama) {
     (vs, model)
 }
 
-fn train_config(pairs: usize) -> TrainConfig {
+fn train_config(pairs: usize, length_buckets: usize) -> TrainConfig {
     TrainConfig {
         objective: Objective::Chi2,
         radius: 0.1,
@@ -147,6 +156,7 @@ fn train_config(pairs: usize) -> TrainConfig {
         warmup_steps: 0,
         batch_size: pairs,
         micro_batch_size: pairs,
+        length_buckets,
         ..TrainConfig::default()
     }
 }
@@ -182,7 +192,12 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn rebeld_steps(dir: &Path, n_pairs: usize, settings: &Settings) -> (Measured, Value) {
+fn rebeld_steps(
+    dir: &Path,
+    n_pairs: usize,
+    length_buckets: usize,
+    settings: &Settings,
+) -> (Measured, Value) {
     let tokenizer = PolicyTokenizer::from_dir(dir).expect("tokenizer");
     let pad_id = tokenizer.pad_id();
     let raw = hh_pairs(&tokenizer, n_pairs, settings);
@@ -204,7 +219,7 @@ fn rebeld_steps(dir: &Path, n_pairs: usize, settings: &Settings) -> (Measured, V
             reward_diff,
         })
         .collect();
-    let config = train_config(n_pairs);
+    let config = train_config(n_pairs, length_buckets);
     let step_config = StepConfig::from_config(&config, pad_id).expect("step config");
     let mut trainer = Trainer::new(&vs, step_config).expect("trainer");
     let mut seconds = Vec::new();
@@ -224,16 +239,15 @@ fn rebeld_steps(dir: &Path, n_pairs: usize, settings: &Settings) -> (Measured, V
             seconds.push(started.elapsed().as_secs_f64());
         }
     }
-    let width = pairs
+    let lengths: Vec<usize> = pairs
         .iter()
         .flat_map(|p| [p.a.ids().len(), p.b.ids().len()])
-        .max()
-        .unwrap_or(0);
+        .collect();
     let measured = Measured {
         median_s: median(seconds),
         first_losses,
         tokens,
-        padded_tokens: 2 * n_pairs * width,
+        padded_tokens: padded_tokens(&lengths, length_buckets),
     };
     (measured, batch_json(dir, pad_id, &config, &pairs))
 }
@@ -293,7 +307,9 @@ fn from_python(value: &Value, tokens: usize) -> Option<Measured> {
 }
 
 fn bench_model(name: &str, dir: &Path, n_pairs: usize, settings: &Settings) {
-    let (ours, batch) = rebeld_steps(dir, n_pairs, settings);
+    let (ours, batch) = rebeld_steps(dir, n_pairs, 1, settings);
+    let bucketed = (settings.length_buckets > 1)
+        .then(|| rebeld_steps(dir, n_pairs, settings.length_buckets, settings).0);
     let rate = ours.tokens as f64 / ours.median_s;
     println!(
         "\n{name}: {n_pairs} pairs per step, median of {} steps",
@@ -302,6 +318,13 @@ fn bench_model(name: &str, dir: &Path, n_pairs: usize, settings: &Settings) {
     println!("\n| step | median s | tokens | padded tokens | tokens/s | rebeld's ratio |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     row("rebeld chi2-REBEL", &ours, rate);
+    if let Some(m) = &bucketed {
+        let label = format!(
+            "rebeld chi2-REBEL, ≤ {} length buckets",
+            settings.length_buckets
+        );
+        row(&label, m, rate);
+    }
     if !settings.baselines {
         return;
     }
@@ -311,12 +334,23 @@ fn bench_model(name: &str, dir: &Path, n_pairs: usize, settings: &Settings) {
         Some(m) => row("PyTorch chi2-REBEL (same step)", m, rate),
         None => println!("| PyTorch chi2-REBEL | failed: {} |", result["torch"]),
     }
-    match from_python(&result["trl"], ours.tokens) {
-        Some(m) => row("TRL DPOTrainer step", &m, rate),
+    let trl = from_python(&result["trl"], ours.tokens);
+    match &trl {
+        Some(m) => row("TRL DPOTrainer step", m, rate),
         None => println!(
             "| TRL DPOTrainer step | failed: {} |",
             result["trl"]["error"]
         ),
+    }
+    if let Some(b) = &bucketed {
+        let speedup = |m: &Measured| m.median_s / b.median_s;
+        let against = |m: &Option<Measured>| m.as_ref().map_or(f64::NAN, speedup);
+        println!(
+            "\nlength-bucketed rebeld against TRL (padded to the longest): {:.2}x; against \
+             the padded PyTorch step: {:.2}x",
+            against(&trl),
+            against(&torch)
+        );
     }
     if let Some(m) = torch {
         let gap = ours

@@ -15,6 +15,10 @@
 //!
 //! [`evaluate_by_segment`] reports the same figures for each segment of the pairs (named files,
 //! or the `segment` tags of one file), the overall ones and the worst segment.
+//!
+//! Several policies (the versions of one run, say) can be evaluated in one call: the pairs
+//! are read once and the reference is scored once, so each further policy costs one pass
+//! instead of two.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,6 +55,17 @@ pub enum EvalError {
         #[source]
         source: ModelError,
     },
+    /// Two evaluated policies tokenize differently, so one set of pairs cannot serve both.
+    #[error("{other:?} has a tokenizer.json unlike that of {first:?}")]
+    TokenizerMismatch {
+        /// The first policy, whose tokenizer reads the pairs.
+        first: PathBuf,
+        /// The policy whose tokenizer differs.
+        other: PathBuf,
+    },
+    /// No policy was named.
+    #[error("no policy to evaluate")]
+    NoPolicy,
     /// The policy's tokenizer could not be loaded.
     #[error("loading the tokenizer of {path:?}")]
     Tokenizer {
@@ -86,8 +101,9 @@ pub enum EvalError {
 /// What to evaluate.
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
-    /// The trained policy's folder (its tokenizer is used for both models).
-    pub model: PathBuf,
+    /// The trained policies' folders, each reported on its own (the first one's tokenizer
+    /// reads the pairs; every other must have the same `tokenizer.json`).
+    pub models: Vec<PathBuf>,
     /// The reference model's folder.
     pub reference: PathBuf,
     /// JSONL or JSONL.gz of preference events.
@@ -150,57 +166,98 @@ impl EvalReport {
     }
 }
 
-/// Reads `options.data`, scores every usable pair under both models, and reports (all
-/// segments together).
-pub fn evaluate(options: &EvalOptions) -> Result<EvalReport, EvalError> {
+/// Reads `options.data`, scores every usable pair under each policy and the reference, and
+/// reports each policy (all segments together), in the order of `options.models`.
+pub fn evaluate(options: &EvalOptions) -> Result<Vec<EvalReport>, EvalError> {
     let no_pairs = || match &options.data {
         EvalData::File(path) => EvalError::NoPairs(path.clone()),
         EvalData::Segments(_) => EvalError::NoSegmentPairs,
     };
-    let (pairs, (policy, reference)) = read_and_score(options, false)?;
+    let (pairs, scored) = read_and_score(options, false)?;
     if pairs.pairs.is_empty() {
         return Err(no_pairs());
     }
     // Chosen first: the users' reward difference is positive for every pair.
     let chosen_first = vec![1.0; pairs.pairs.len()];
-    let scored = implicit_reward(&policy, &reference, &chosen_first).ok_or_else(no_pairs)?;
-    Ok(EvalReport {
-        pairs: scored.pairs,
-        skipped: pairs.skipped.iter().sum(),
-        accuracy: scored.accuracy,
-        mean_margin: scored.mean_margin,
-    })
+    let skipped = pairs.skipped.iter().sum();
+    scored
+        .policies
+        .iter()
+        .map(|policy| {
+            let reward =
+                implicit_reward(policy, &scored.reference, &chosen_first).ok_or_else(no_pairs)?;
+            Ok(EvalReport {
+                pairs: reward.pairs,
+                skipped,
+                accuracy: reward.accuracy,
+                mean_margin: reward.mean_margin,
+            })
+        })
+        .collect()
 }
 
-/// Reads `options.data`, scores every usable pair under both models, and reports each
-/// segment's figures, the overall ones and the worst segment.
-pub fn evaluate_by_segment(options: &EvalOptions) -> Result<SegmentedReport, EvalError> {
-    let (pairs, (policy, reference)) = read_and_score(options, true)?;
-    aggregate(ScoredPairs {
-        labels: &pairs.labels,
-        skipped: &pairs.skipped,
-        segment_of: &pairs.segment_of,
-        policy: &policy,
-        reference: &reference,
-    })
-    .ok_or(EvalError::NoSegmentPairs)
+/// Reads `options.data`, scores every usable pair under each policy and the reference, and
+/// reports each policy's figures by segment, the overall ones and the worst segment, in the
+/// order of `options.models`.
+pub fn evaluate_by_segment(options: &EvalOptions) -> Result<Vec<SegmentedReport>, EvalError> {
+    let (pairs, scored) = read_and_score(options, true)?;
+    scored
+        .policies
+        .iter()
+        .map(|policy| {
+            aggregate(ScoredPairs {
+                labels: &pairs.labels,
+                skipped: &pairs.skipped,
+                segment_of: &pairs.segment_of,
+                policy,
+                reference: &scored.reference,
+            })
+            .ok_or(EvalError::NoSegmentPairs)
+        })
+        .collect()
 }
 
-/// The usable pairs of `options.data` and their scores under the policy and the reference;
+/// The usable pairs of `options.data` and their scores under each policy and the reference;
 /// the events of one file are told apart by their tags only `by_segment`.
 fn read_and_score(options: &EvalOptions, by_segment: bool) -> Result<(Pairs, Scored), EvalError> {
-    let tokenizer =
-        PolicyTokenizer::from_dir(&options.model).map_err(|source| EvalError::Tokenizer {
-            path: options.model.clone(),
-            source,
-        })?;
+    let first = options.models.first().ok_or(EvalError::NoPolicy)?;
+    check_same_tokenizer(first, &options.models[1..])?;
+    let tokenizer = PolicyTokenizer::from_dir(first).map_err(|source| EvalError::Tokenizer {
+        path: first.clone(),
+        source,
+    })?;
     let pad_id = tokenizer.pad_id();
     let pairs = read_pairs(options, Arc::new(tokenizer), by_segment)?;
     if pairs.pairs.is_empty() {
-        return Ok((pairs, (Vec::new(), Vec::new())));
+        let nothing = Scored {
+            policies: vec![Vec::new(); options.models.len()],
+            reference: Vec::new(),
+        };
+        return Ok((pairs, nothing));
     }
     let scored = score(options, &pairs.pairs, pad_id)?;
     Ok((pairs, scored))
+}
+
+/// Fails unless every one of `others` has the same `tokenizer.json` bytes as `first`.
+fn check_same_tokenizer(first: &Path, others: &[PathBuf]) -> Result<(), EvalError> {
+    let read = |dir: &Path| {
+        let path = dir.join("tokenizer.json");
+        std::fs::read(&path).map_err(|source| EvalError::Read { path, source })
+    };
+    if others.is_empty() {
+        return Ok(());
+    }
+    let expected = read(first)?;
+    for other in others {
+        if read(other)? != expected {
+            return Err(EvalError::TokenizerMismatch {
+                first: first.to_owned(),
+                other: other.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The usable pairs of every input, each with its segment.
@@ -351,10 +408,16 @@ fn chosen_first(record: &PairRecord, eos_id: u32) -> Option<(Sequence, Sequence)
     }
 }
 
-/// `(log π(chosen), log π(rejected))` of every pair under the policy, then the reference.
-type Scored = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+/// `(log π(chosen), log π(rejected))` of every pair under each policy and the reference.
+struct Scored {
+    /// One list per policy, in the order of `EvalOptions::models`.
+    policies: Vec<Vec<(f64, f64)>>,
+    /// The reference's, scored once for all policies.
+    reference: Vec<(f64, f64)>,
+}
 
-/// Every `(chosen, rejected)` pair scored under the policy and the reference.
+/// Every `(chosen, rejected)` pair scored under each policy and the reference, one model in
+/// memory at a time.
 fn score(
     options: &EvalOptions,
     pairs: &[(Sequence, Sequence)],
@@ -374,7 +437,16 @@ fn score(
             options.device,
         )?)
     };
-    Ok((logprobs(&options.model)?, logprobs(&options.reference)?))
+    let reference = logprobs(&options.reference)?;
+    let policies = options
+        .models
+        .iter()
+        .map(|dir| logprobs(dir))
+        .collect::<Result<_, _>>()?;
+    Ok(Scored {
+        policies,
+        reference,
+    })
 }
 
 #[cfg(test)]
@@ -424,9 +496,16 @@ mod tests {
         }
     }
 
+    /// The report of the only policy of `options`.
+    fn evaluate_one(options: &EvalOptions) -> EvalReport {
+        let mut reports = evaluate(options).expect("evaluate");
+        assert_eq!(reports.len(), 1);
+        reports.remove(0)
+    }
+
     fn options(model: PathBuf, reference: PathBuf, batch_size: usize) -> EvalOptions {
         EvalOptions {
-            model,
+            models: vec![model],
             reference,
             data: EvalData::File(fixtures().join("eval/pairs.jsonl")),
             device: Device::Cpu,
@@ -471,7 +550,7 @@ mod tests {
                 held_out,
                 ..options(tiny.clone(), tiny.clone(), 8)
             };
-            evaluate(&options).expect("evaluate")
+            evaluate_one(&options)
         };
         assert_eq!(run(None).pairs, lines.len());
         assert_eq!(run(Some(1.0)).pairs, lines.len());
@@ -485,8 +564,7 @@ mod tests {
         sharpened_policy(dir.path(), want.norm_scale);
         let tiny = fixtures().join("tiny-llama");
         for batch_size in [1, 4] {
-            let found = evaluate(&options(dir.path().to_owned(), tiny.clone(), batch_size))
-                .expect("evaluate");
+            let found = evaluate_one(&options(dir.path().to_owned(), tiny.clone(), batch_size));
             assert_eq!(found.pairs, want.pairs);
             assert_eq!(found.skipped, want.skipped);
             assert!((found.accuracy - want.accuracy).abs() < 1e-12, "{found:?}");
@@ -498,7 +576,7 @@ mod tests {
             );
         }
         // Swapping the models negates every margin.
-        let swapped = evaluate(&options(tiny, dir.path().to_owned(), 4)).expect("evaluate");
+        let swapped = evaluate_one(&options(tiny, dir.path().to_owned(), 4));
         assert!((swapped.mean_margin + want.mean_margin).abs() < 1e-4);
         assert!((swapped.accuracy - (1.0 - want.accuracy)).abs() < 1e-12);
     }
@@ -506,9 +584,52 @@ mod tests {
     #[test]
     fn a_model_against_itself_has_no_margin() {
         let tiny = fixtures().join("tiny-llama");
-        let found = evaluate(&options(tiny.clone(), tiny, 3)).expect("evaluate");
+        let found = evaluate_one(&options(tiny.clone(), tiny, 3));
         assert_eq!(found.accuracy, 0.5, "every pair is a tie");
         assert_eq!(found.mean_margin, 0.0);
+    }
+
+    #[test]
+    fn several_policies_in_one_call_match_each_evaluated_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scale = expected().norm_scale;
+        sharpened_policy(dir.path(), scale);
+        let tiny = fixtures().join("tiny-llama");
+        let sharpened = dir.path().to_owned();
+
+        let both = EvalOptions {
+            models: vec![sharpened.clone(), tiny.clone()],
+            ..options(sharpened.clone(), tiny.clone(), 4)
+        };
+        let reports = evaluate(&both).expect("evaluate");
+
+        assert_eq!(reports.len(), 2);
+        assert_eq!(
+            reports[0],
+            evaluate_one(&options(sharpened, tiny.clone(), 4))
+        );
+        assert_eq!(reports[1], evaluate_one(&options(tiny.clone(), tiny, 4)));
+    }
+
+    #[test]
+    fn policies_with_different_tokenizers_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        sharpened_policy(dir.path(), 1.0);
+        let tokenizer = dir.path().join("tokenizer.json");
+        let mut text = std::fs::read_to_string(&tokenizer).expect("tokenizer");
+        text.push('\n');
+        std::fs::write(&tokenizer, text).expect("write");
+        let tiny = fixtures().join("tiny-llama");
+
+        let options = EvalOptions {
+            models: vec![tiny.clone(), dir.path().to_owned()],
+            ..options(tiny.clone(), tiny, 4)
+        };
+
+        assert!(matches!(
+            evaluate(&options),
+            Err(EvalError::TokenizerMismatch { other, .. }) if other == dir.path()
+        ));
     }
 
     #[test]

@@ -169,9 +169,11 @@ struct PullArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// The evaluated policy's folder (config.json, weights, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
+    /// The evaluated policy's folder (config.json, weights, tokenizer.json). Repeat it to
+    /// evaluate several policies with one tokenizer against one reference: the pairs are read
+    /// and the reference scored once, and each policy gets its own report, in order.
+    #[arg(long = "model", id = "models", value_name = "DIR", required = true)]
+    models: Vec<PathBuf>,
     /// The reference model's folder (the same architecture and tokenizer).
     #[arg(long)]
     reference: PathBuf,
@@ -195,7 +197,8 @@ struct EvalArgs {
     /// the overall figures and the worst segment.
     #[arg(long)]
     by_segment: bool,
-    /// Print the report as one JSON object.
+    /// Print each report as one JSON object on its own line, with the policy's folder as
+    /// `model`.
     #[arg(long)]
     json: bool,
     /// auto, cpu or cuda:N.
@@ -465,7 +468,7 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
     };
     let defaults = ModelConfig::default();
     let options = EvalOptions {
-        model: args.model,
+        models: args.models,
         reference: args.reference,
         data,
         device,
@@ -480,14 +483,30 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
         format: args.format,
         held_out: args.held_out,
     };
-    let (text, json) = if args.by_segment {
-        let report = evaluate_by_segment(&options).map_err(Failure::runtime)?;
-        (report.to_string(), report.to_json())
+    let reports: Vec<(String, serde_json::Value)> = if args.by_segment {
+        let reports = evaluate_by_segment(&options).map_err(Failure::runtime)?;
+        reports
+            .iter()
+            .map(|r| (r.to_string(), r.to_json()))
+            .collect()
     } else {
-        let report = evaluate(&options).map_err(Failure::runtime)?;
-        (report.to_string(), report.to_json())
+        let reports = evaluate(&options).map_err(Failure::runtime)?;
+        reports
+            .iter()
+            .map(|r| (r.to_string(), r.to_json()))
+            .collect()
     };
-    println!("{}", if args.json { json.to_string() } else { text });
+    let several = reports.len() > 1;
+    for (model, (text, mut json)) in options.models.iter().zip(reports) {
+        if args.json {
+            json["model"] = serde_json::Value::from(model.display().to_string());
+            println!("{json}");
+        } else if several {
+            println!("model {}\n{text}\n", model.display());
+        } else {
+            println!("{text}");
+        }
+    }
     Ok(())
 }
 

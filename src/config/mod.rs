@@ -655,6 +655,7 @@ fn validate_train(train: &TrainConfig) -> Result<(), ConfigError> {
 fn validate_batching(train: &TrainConfig) -> Result<(), ConfigError> {
     positive_count("train.batch_size", train.batch_size)?;
     positive_count("train.micro_batch_size", train.micro_batch_size)?;
+    positive_count("train.length_buckets", train.length_buckets)?;
     if !train.batch_size.is_multiple_of(train.micro_batch_size) {
         return Err(ConfigError::invalid(
             "train.micro_batch_size",

@@ -258,6 +258,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Pairs per forward/backward; `batch_size` must be a multiple of it.
     pub micro_batch_size: usize,
+    /// The most forward passes a micro-batch's sequences are split into by length, so that
+    /// few positions are padding; 1 pads every sequence to the micro-batch's longest.
+    pub length_buckets: usize,
     /// Training waits until the buffer holds at least this many pairs.
     pub min_pairs: usize,
     /// The anchor policy is refreshed every this many steps; 0 means at each published version.
@@ -303,6 +306,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             batch_size: 8,
             micro_batch_size: 8,
+            length_buckets: 4,
             min_pairs: 32,
             anchor_refresh_steps: 0,
             beta: 0.0,

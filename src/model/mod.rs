@@ -2,6 +2,7 @@
 //! loading and saving in the Hugging Face layout, exact response log-probabilities, and the
 //! tokenizer with its chat template.
 
+pub mod buckets;
 pub mod config;
 pub mod generate;
 pub mod gguf;
