@@ -37,8 +37,8 @@ pub fn length_buckets(lengths: &[usize], most: usize) -> Vec<Range<usize>> {
     let padded = |start: usize, end: usize| (end - start) * lengths[start];
     let mut best = vec![vec![usize::MAX; n + 1]; most];
     let mut cut = vec![vec![0; n + 1]; most];
-    for j in 1..=n {
-        best[0][j] = padded(0, j);
+    for (j, least) in best[0].iter_mut().enumerate().skip(1) {
+        *least = padded(0, j);
     }
     for g in 1..most {
         for j in g + 1..=n {
