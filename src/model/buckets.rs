@@ -90,8 +90,7 @@ pub fn bucketed_response_sums(
         return Ok(score(&Batch::new(sequences, pad_id, device)?)?.sums);
     }
 
-    let mut order: Vec<usize> = (0..sequences.len()).collect();
-    order.sort_by_key(|&i| Reverse(sequences[i].ids().len()));
+    let order = longest_first(sequences);
     let lengths: Vec<usize> = order.iter().map(|&i| sequences[i].ids().len()).collect();
 
     let mut parts = Vec::new();
@@ -108,6 +107,13 @@ pub fn bucketed_response_sums(
     }
     let rank = Tensor::f_from_slice(&rank)?.f_to_device(device)?;
     Ok(sorted.f_index_select(0, &rank)?)
+}
+
+/// The indices of `sequences`, longest first (ties in their order).
+pub fn longest_first<S: std::borrow::Borrow<Sequence>>(sequences: &[S]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| Reverse(sequences[i].borrow().ids().len()));
+    order
 }
 
 /// Padded tokens of scoring `lengths` in the runs of [`length_buckets`]: what a step pays

@@ -27,15 +27,13 @@
 //! state from before the last applied update are put back and the learning rate is halved
 //! (a multiplier on the schedule, kept from then on).
 
-use std::cmp::Reverse;
-
 use tch::nn::VarStore;
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::buffer::PairRecord;
 use crate::config::TrainConfig;
 use crate::failpoint;
-use crate::model::buckets::bucketed_response_sums;
+use crate::model::buckets::{bucketed_response_sums, longest_first};
 use crate::model::llama::{with_math_attention, Llama};
 use crate::model::logprobs::{
     response_logprobs_from_embeds, response_logprobs_no_grad, Batch, Limits, LogprobError, Sequence,
@@ -147,8 +145,7 @@ pub fn pair_logprobs(
     // Without a graph to keep, every sequence can be batched with others of its length:
     // longest first, 2 × micro at a time, so each batch pads little.
     let sequences: Vec<&Sequence> = pairs.iter().flat_map(|(a, b)| [a, b]).collect();
-    let mut order: Vec<usize> = (0..sequences.len()).collect();
-    order.sort_by_key(|&i| Reverse(sequences[i].ids().len()));
+    let order = longest_first(&sequences);
 
     let mut sums = vec![0.0; sequences.len()];
     for chunk in order.chunks(2 * micro.max(1)) {
@@ -161,6 +158,15 @@ pub fn pair_logprobs(
         }
     }
     Ok(sums.chunks_exact(2).map(|ab| (ab[0], ab[1])).collect())
+}
+
+/// Both sequences of every pair of `chunk`, A sequences first.
+fn a_then_b(chunk: &[TrainPair]) -> Vec<Sequence> {
+    chunk
+        .iter()
+        .map(|p| p.a.clone())
+        .chain(chunk.iter().map(|p| p.b.clone()))
+        .collect()
 }
 
 /// The settings of a step, validated from `[train]`.
@@ -683,14 +689,9 @@ impl Trainer {
         Ok(out)
     }
 
-    /// Both sequences of every pair of `chunk`, A sequences first.
+    /// The sequences of `chunk` ([`a_then_b`]) in one padded batch.
     fn batch(&self, chunk: &[TrainPair]) -> Result<Batch, LogprobError> {
-        let seqs: Vec<Sequence> = chunk
-            .iter()
-            .map(|p| p.a.clone())
-            .chain(chunk.iter().map(|p| p.b.clone()))
-            .collect();
-        Batch::new(&seqs, self.config.pad_id, self.device)
+        Batch::new(&a_then_b(chunk), self.config.pad_id, self.device)
     }
 
     /// `ℓ_i` of `chunk` as a `[m]` f64 tensor, with a graph when `grad`; the sequences go
@@ -701,14 +702,9 @@ impl Trainer {
         chunk: &[TrainPair],
         grad: bool,
     ) -> Result<Tensor, StepError> {
-        let seqs: Vec<Sequence> = chunk
-            .iter()
-            .map(|p| p.a.clone())
-            .chain(chunk.iter().map(|p| p.b.clone()))
-            .collect();
         let sums = bucketed_response_sums(
             model,
-            &seqs,
+            &a_then_b(chunk),
             self.config.pad_id,
             self.device,
             self.config.length_buckets,
