@@ -34,7 +34,9 @@ use rand::Rng;
 use chunk::Chunk;
 use columns::PairColumns;
 
-pub use columns::{pair_schema, FIXED_ROW_BYTES, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+pub use columns::{
+    pair_schema, pair_schema_with, TokenWidth, FIXED_ROW_BYTES, SCHEMA_VERSION, SCHEMA_VERSION_KEY,
+};
 pub use dedup::DedupWindow;
 pub use error::{BufferError, SnapshotError};
 pub use record::{PairRecord, Preference};
@@ -215,7 +217,7 @@ impl RollingBuffer {
     /// this; call it alone to age rows out while nothing arrives.
     pub fn evict(&mut self, now_ms: i64) -> Result<Evicted, BufferError> {
         let mut evicted = self.expire(now_ms)?;
-        evicted.add(self.shed_oldest());
+        evicted.add(self.shed_oldest()?);
 
         self.counters.evicted.add(evicted);
         Ok(evicted)
@@ -251,7 +253,8 @@ impl RollingBuffer {
             evicted.never_trained += removed.1;
 
             match kept {
-                Some(kept) => {
+                Some(mut kept) => {
+                    self.bytes -= kept.narrow()?;
                     self.chunks[index] = kept;
                     index += 1;
                 }
@@ -263,7 +266,7 @@ impl RollingBuffer {
         Ok(evicted)
     }
 
-    fn shed_oldest(&mut self) -> Evicted {
+    fn shed_oldest(&mut self) -> Result<Evicted, BufferError> {
         let mut evicted = Evicted::default();
         while let Some(front) = self.chunks.front() {
             let excess_rows = self.rows.saturating_sub(self.limits.max_rows);
@@ -282,9 +285,10 @@ impl RollingBuffer {
                 self.chunks.pop_front();
             } else if let Some(front) = self.chunks.front_mut() {
                 front.drop_front(count);
+                self.bytes -= front.narrow()?;
             }
         }
-        evicted
+        Ok(evicted)
     }
 
     /// Takes the given rows of one chunk out of the totals and the id set; the caller then
@@ -431,7 +435,8 @@ impl RollingBuffer {
     /// Bytes held: the sum over rows of their share of Arrow's value and offset buffers.
     ///
     /// Each row is charged [`FIXED_ROW_BYTES`] plus the UTF-8 bytes of its strings
-    /// (id, topic, segment, source, texts, objective names), 4 per token id and 12 per score
+    /// (id, topic, segment, source, texts, objective names), 2 per token id (4 in a batch
+    /// holding an id of 65,536 or more; see [`TokenWidth`]) and 12 per score
     /// entry. Validity bitmaps, padding and the per-row bookkeeping (32 bytes, plus the
     /// id once more in the id set) are not counted. The figure is exact and additive, so
     /// eviction can reach `max_bytes` row by row; the memory really used is

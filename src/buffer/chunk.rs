@@ -3,7 +3,7 @@
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 
-use super::columns::PairColumns;
+use super::columns::{with_token_width, PairColumns, TokenWidth};
 use super::error::BufferError;
 
 /// What the buffer keeps per row outside Arrow, so eviction and sampling decode nothing.
@@ -27,6 +27,9 @@ pub(crate) struct Chunk {
     bytes: usize,
     min_ingest_ms: i64,
     min_event_ms: i64,
+    /// Rows from the front that must go before the batch can store its ids 16 bits wide;
+    /// see [`PairColumns::rows_through_last_wide_id`].
+    wide_rows: usize,
 }
 
 impl Chunk {
@@ -56,6 +59,7 @@ impl Chunk {
         let min_event_ms = events.min().unwrap_or(i64::MAX);
 
         Chunk {
+            wide_rows: cols.rows_through_last_wide_id(),
             cols,
             rows,
             bytes,
@@ -103,10 +107,17 @@ impl Chunk {
 
     /// How many rows from the front must go to shed `rows` rows and `bytes` bytes, as far as
     /// this chunk can.
+    ///
+    /// Stops at the last row holding a wide token id: once it goes, [`Chunk::narrow`]
+    /// recharges the rows after it, so they are weighed again.
     pub(crate) fn front_rows_to_shed(&self, rows: usize, bytes: usize) -> usize {
+        let stop = match self.wide_rows {
+            0 => self.rows.len(),
+            wide => wide,
+        };
         let mut count = 0;
         let mut freed = 0;
-        for row in &self.rows {
+        for row in &self.rows[..stop] {
             if count >= rows && freed >= bytes {
                 break;
             }
@@ -123,6 +134,26 @@ impl Chunk {
         let cols = self.cols.slice(count, self.len() - count);
         let rows = self.rows.split_off(count);
         *self = Chunk::from_parts(cols, rows);
+    }
+
+    /// Stores the token ids 16 bits wide when the rows held now allow it (after the rows
+    /// holding wider ids left), recharging every row. Returns the bytes this saved.
+    ///
+    /// Keeps every batch as narrow as its rows allow, which is what a snapshot restores.
+    pub(crate) fn narrow(&mut self) -> Result<usize, BufferError> {
+        if self.wide_rows > 0 || self.cols.token_width() == TokenWidth::U16 {
+            return Ok(0);
+        }
+
+        let batch = with_token_width(self.cols.batch(), TokenWidth::U16)?;
+        let cols = PairColumns::try_new(batch)?;
+        let mut rows = self.rows.clone();
+        for (row, meta) in rows.iter_mut().enumerate() {
+            meta.bytes = cols.row_bytes(row);
+        }
+        let before = self.bytes;
+        *self = Chunk::from_parts(cols, rows);
+        Ok(before - self.bytes)
     }
 
     /// A copy holding only the rows whose `keep` entry is true, in fresh buffers.

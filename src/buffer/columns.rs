@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, Int8Array,
     ListArray, MapArray, PrimitiveArray, RecordBatch, StringArray, StructArray,
-    TimestampMillisecondArray, UInt32Array, UInt64Array,
+    TimestampMillisecondArray, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{
@@ -60,8 +60,55 @@ pub const SCHEMA_VERSION: &str = "2";
 /// confidence 4 (7); two policy versions 8 each (16); `times_trained` 4.
 pub const FIXED_ROW_BYTES: usize = 48 + 28 + 7 + 16 + 4;
 
-/// Bytes one token id is charged.
-const TOKEN_BYTES: usize = 4;
+/// How a batch stores its token ids: as narrow as its largest id allows.
+///
+/// Every tokenizer with at most 65,536 entries (SmolLM2's has 49,152) gives `U16` batches,
+/// half the bytes of `U32`. Snapshots always store `U32`, so their files do not depend on
+/// the ids a batch happened to hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenWidth {
+    /// `UInt16` items: every id in the batch is at most `u16::MAX`.
+    U16,
+    /// `UInt32` items.
+    U32,
+}
+
+impl TokenWidth {
+    /// The narrowest width that holds every id.
+    pub fn fitting<'a>(mut lists: impl Iterator<Item = &'a [u32]>) -> Self {
+        let fits = |list: &[u32]| list.iter().all(|&id| u16::try_from(id).is_ok());
+        if lists.all(fits) {
+            TokenWidth::U16
+        } else {
+            TokenWidth::U32
+        }
+    }
+
+    /// Bytes one token id takes, and is charged against `max_bytes`.
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenWidth::U16 => 2,
+            TokenWidth::U32 => 4,
+        }
+    }
+
+    fn item_type(self) -> DataType {
+        match self {
+            TokenWidth::U16 => DataType::UInt16,
+            TokenWidth::U32 => DataType::UInt32,
+        }
+    }
+
+    /// The width of a token-list field, or `None` for any other type.
+    fn of_field(field: &Field) -> Option<Self> {
+        let DataType::List(item) = field.data_type() else {
+            return None;
+        };
+        [TokenWidth::U16, TokenWidth::U32]
+            .into_iter()
+            .find(|width| *item == token_item_field(*width))
+    }
+}
 
 /// Bytes one score entry is charged besides its objective name: key offset 4, value 8.
 const SCORE_ENTRY_BYTES: usize = 12;
@@ -85,13 +132,26 @@ const SCORE_ENTRY_BYTES: usize = 12;
 /// | `segment`, `source` | Utf8 | yes |
 /// | `prompt_text`, `response_a_text`, `response_b_text` | Utf8 | yes |
 ///
-/// The schema metadata holds [`SCHEMA_VERSION_KEY`] = [`SCHEMA_VERSION`].
+/// The schema metadata holds [`SCHEMA_VERSION_KEY`] = [`SCHEMA_VERSION`]. This is the schema
+/// of snapshot files; batches in memory may hold their ids as `UInt16` instead
+/// ([`pair_schema_with`], [`TokenWidth`]).
 pub fn pair_schema() -> SchemaRef {
-    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
-    SCHEMA.get_or_init(build_schema).clone()
+    pair_schema_with(TokenWidth::U32)
 }
 
-fn build_schema() -> SchemaRef {
+/// The pair schema with token ids of the given width.
+pub fn pair_schema_with(width: TokenWidth) -> SchemaRef {
+    static NARROW: OnceLock<SchemaRef> = OnceLock::new();
+    static WIDE: OnceLock<SchemaRef> = OnceLock::new();
+    let schema = match width {
+        TokenWidth::U16 => &NARROW,
+        TokenWidth::U32 => &WIDE,
+    };
+    schema.get_or_init(|| build_schema(width)).clone()
+}
+
+fn build_schema(width: TokenWidth) -> SchemaRef {
+    let tokens = token_list_type(width);
     let fields = vec![
         Field::new(name::ID, DataType::Utf8, false),
         Field::new(name::TOPIC, DataType::Utf8, false),
@@ -99,9 +159,9 @@ fn build_schema() -> SchemaRef {
         Field::new(name::OFFSET, DataType::Int64, false),
         Field::new(name::EVENT_TIME, utc_millis(), true),
         Field::new(name::INGEST_TIME, utc_millis(), false),
-        Field::new(name::PROMPT_IDS, token_list_type(), false),
-        Field::new(name::RESPONSE_A_IDS, token_list_type(), false),
-        Field::new(name::RESPONSE_B_IDS, token_list_type(), false),
+        Field::new(name::PROMPT_IDS, tokens.clone(), false),
+        Field::new(name::RESPONSE_A_IDS, tokens.clone(), false),
+        Field::new(name::RESPONSE_B_IDS, tokens, false),
         Field::new(name::TRUNCATED_A, DataType::Boolean, false),
         Field::new(name::TRUNCATED_B, DataType::Boolean, false),
         Field::new(name::PREFERENCE, DataType::Int8, true),
@@ -125,12 +185,12 @@ fn utc_millis() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
-fn token_item_field() -> FieldRef {
-    Arc::new(Field::new("item", DataType::UInt32, false))
+fn token_item_field(width: TokenWidth) -> FieldRef {
+    Arc::new(Field::new("item", width.item_type(), false))
 }
 
-fn token_list_type() -> DataType {
-    DataType::List(token_item_field())
+fn token_list_type(width: TokenWidth) -> DataType {
+    DataType::List(token_item_field(width))
 }
 
 fn score_entry_fields() -> Fields {
@@ -156,9 +216,15 @@ fn arrow_error(op: &'static str) -> impl FnOnce(ArrowError) -> BufferError {
     move |source| BufferError::Arrow { op, source }
 }
 
-/// Encodes records into one batch of the pair schema.
+/// Encodes records into one batch of the pair schema, with the narrowest [`TokenWidth`]
+/// that holds every token id of every record.
 pub(crate) fn encode(records: &[PairRecord]) -> Result<RecordBatch, BufferError> {
-    let e = Encoder { records };
+    let lists = records.iter().flat_map(|r| {
+        let lists = [&r.prompt_ids, &r.response_a_ids, &r.response_b_ids];
+        lists.map(Vec::as_slice)
+    });
+    let width = TokenWidth::fitting(lists);
+    let e = Encoder { records, width };
     let columns = vec![
         e.utf8(name::ID, |r| Some(&r.id))?,
         e.utf8(name::TOPIC, |r| Some(&r.topic))?,
@@ -188,12 +254,14 @@ pub(crate) fn encode(records: &[PairRecord]) -> Result<RecordBatch, BufferError>
         e.utf8(name::RESPONSE_B_TEXT, |r| r.response_b_text.as_ref())?,
     ];
 
-    RecordBatch::try_new(pair_schema(), columns).map_err(arrow_error("assembling a pair batch"))
+    RecordBatch::try_new(pair_schema_with(width), columns)
+        .map_err(arrow_error("assembling a pair batch"))
 }
 
 /// Builds one column from one field of every record.
 struct Encoder<'a> {
     records: &'a [PairRecord],
+    width: TokenWidth,
 }
 
 impl<'a> Encoder<'a> {
@@ -234,7 +302,7 @@ impl<'a> Encoder<'a> {
         field: fn(&'a PairRecord) -> &'a Vec<u32>,
     ) -> Result<ArrayRef, BufferError> {
         let lists = self.records.iter().map(|r| &field(r)[..]);
-        token_column(column, self.records.len(), lists)
+        token_column(column, self.records.len(), lists, self.width)
     }
 
     fn scores(
@@ -290,10 +358,12 @@ fn utf8_column<'a>(
     Ok(Arc::new(array))
 }
 
+/// A token-list column of the given width; every id must fit it.
 fn token_column<'a>(
     column: &'static str,
     rows: usize,
     lists: impl Iterator<Item = &'a [u32]>,
+    width: TokenWidth,
 ) -> Result<ArrayRef, BufferError> {
     let mut tokens = Vec::new();
     let mut lengths = Vec::with_capacity(rows);
@@ -302,13 +372,65 @@ fn token_column<'a>(
         lengths.push(list.len());
     }
 
-    // Arrow keeps the allocation whole for the rows' life: drop the growth slack.
-    tokens.shrink_to_fit();
     let offsets = offsets(column, rows, lengths)?;
-    let values = Arc::new(UInt32Array::from(tokens));
-    let array = ListArray::try_new(token_item_field(), offsets, values, None)
+    let values = token_values(tokens, width);
+    let array = ListArray::try_new(token_item_field(width), offsets, values, None)
         .map_err(arrow_error("building a token list column"))?;
     Ok(Arc::new(array))
+}
+
+/// The ids as an array of `width`, allocated to size: Arrow keeps the allocation whole for
+/// the rows' life. Ids that do not fit `U16` are a caller's bug, caught by the debug check.
+fn token_values(mut tokens: Vec<u32>, width: TokenWidth) -> ArrayRef {
+    match width {
+        TokenWidth::U16 => {
+            debug_assert!(TokenWidth::fitting(std::iter::once(&tokens[..])) == width);
+            let narrow: Vec<u16> = tokens.iter().map(|&id| id as u16).collect();
+            Arc::new(UInt16Array::from(narrow))
+        }
+        TokenWidth::U32 => {
+            tokens.shrink_to_fit();
+            Arc::new(UInt32Array::from(tokens))
+        }
+    }
+}
+
+/// The batch with its token ids re-encoded at `width`, sharing every other column.
+///
+/// Fails with [`BufferError::TokenOutOfRange`] when an id does not fit `width`.
+pub(crate) fn with_token_width(
+    batch: &RecordBatch,
+    width: TokenWidth,
+) -> Result<RecordBatch, BufferError> {
+    let cols = PairColumns::try_new(batch.clone())?;
+    if cols.token_width() == width {
+        return Ok(batch.clone());
+    }
+
+    let mut columns = batch.columns().to_vec();
+    let token_columns = [
+        (name::PROMPT_IDS, &cols.prompt),
+        (name::RESPONSE_A_IDS, &cols.response_a),
+        (name::RESPONSE_B_IDS, &cols.response_b),
+    ];
+    for (column, tokens) in token_columns {
+        let index = batch
+            .schema()
+            .index_of(column)
+            .map_err(arrow_error("finding ids"))?;
+        columns[index] = tokens.at_width(column, width)?;
+    }
+    RecordBatch::try_new(pair_schema_with(width), columns)
+        .map_err(arrow_error("re-encoding token ids"))
+}
+
+/// The batch with the narrowest token width its ids allow.
+pub(crate) fn narrowest(batch: &RecordBatch) -> Result<RecordBatch, BufferError> {
+    let width = match PairColumns::try_new(batch.clone())?.rows_through_last_wide_id() {
+        0 => TokenWidth::U16,
+        _ => TokenWidth::U32,
+    };
+    with_token_width(batch, width)
 }
 
 fn score_column<'a>(
@@ -335,23 +457,80 @@ fn score_column<'a>(
     Ok(Arc::new(array))
 }
 
+/// The item array of a token-list column, downcast.
+#[derive(Clone, Debug)]
+enum TokenItems {
+    U16(UInt16Array),
+    U32(UInt32Array),
+}
+
 /// A token-list column with its item array already downcast.
 #[derive(Clone, Debug)]
 struct TokenColumn {
     list: ListArray,
-    items: UInt32Array,
+    items: TokenItems,
 }
 
 impl TokenColumn {
     fn new(list: ListArray, column: &'static str) -> Result<Self, BufferError> {
-        let items = downcast::<UInt32Array>(list.values(), column)?;
+        let items = match list.value_type() {
+            DataType::UInt16 => TokenItems::U16(downcast(list.values(), column)?),
+            _ => TokenItems::U32(downcast(list.values(), column)?),
+        };
         Ok(TokenColumn { list, items })
     }
 
-    fn tokens(&self, row: usize) -> &[u32] {
+    fn width(&self) -> TokenWidth {
+        match self.items {
+            TokenItems::U16(_) => TokenWidth::U16,
+            TokenItems::U32(_) => TokenWidth::U32,
+        }
+    }
+
+    fn range(&self, row: usize) -> std::ops::Range<usize> {
         let offsets = self.list.value_offsets();
-        let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
-        &self.items.values()[start..end]
+        offsets[row] as usize..offsets[row + 1] as usize
+    }
+
+    /// How many ids the row holds.
+    fn count(&self, row: usize) -> usize {
+        self.range(row).len()
+    }
+
+    /// The row's ids.
+    fn tokens(&self, row: usize) -> Vec<u32> {
+        let range = self.range(row);
+        match &self.items {
+            TokenItems::U16(items) => items.values()[range].iter().map(|&id| id.into()).collect(),
+            TokenItems::U32(items) => items.values()[range].to_vec(),
+        }
+    }
+
+    /// Every id of every row, in row order.
+    fn all_ids(&self) -> Vec<u32> {
+        (0..self.list.len())
+            .flat_map(|row| self.tokens(row))
+            .collect()
+    }
+
+    /// The column re-encoded at `width`, with the same offsets.
+    fn at_width(&self, column: &'static str, width: TokenWidth) -> Result<ArrayRef, BufferError> {
+        let ids = self.all_ids();
+        let too_wide = ids.iter().find(|&&id| u16::try_from(id).is_err());
+        if let (TokenWidth::U16, Some(&id)) = (width, too_wide) {
+            return Err(BufferError::TokenOutOfRange { column, id });
+        }
+
+        let lengths = (0..self.list.len()).map(|row| self.count(row));
+        let offsets = offsets(column, self.list.len(), lengths)?;
+        let array = ListArray::try_new(
+            token_item_field(width),
+            offsets,
+            token_values(ids, width),
+            None,
+        )
+        .map_err(arrow_error("re-encoding a token list column"))?;
+        Ok(Arc::new(array))
     }
 
     fn slice(&self, offset: usize, len: usize) -> Self {
@@ -516,6 +695,29 @@ impl PairColumns {
         }
     }
 
+    /// How the batch stores its token ids.
+    pub(crate) fn token_width(&self) -> TokenWidth {
+        self.prompt.width()
+    }
+
+    /// How many rows from the front, up to and including the last row holding a token id
+    /// above `u16::MAX`: 0 when the ids could be stored 16 bits wide. O(tokens) for a `U32`
+    /// batch, O(1) for a `U16` one.
+    pub(crate) fn rows_through_last_wide_id(&self) -> usize {
+        if self.token_width() == TokenWidth::U16 {
+            return 0;
+        }
+        let ids = [&self.prompt, &self.response_a, &self.response_b];
+        let wide = |row: usize| {
+            ids.iter()
+                .any(|t| t.tokens(row).iter().any(|&id| id > 0xFFFF))
+        };
+        (0..self.len())
+            .rev()
+            .find(|&row| wide(row))
+            .map_or(0, |row| row + 1)
+    }
+
     /// The underlying batch.
     pub(crate) fn batch(&self) -> &RecordBatch {
         &self.batch
@@ -550,10 +752,11 @@ impl PairColumns {
     ///
     /// This is the row's share of the Arrow value and offset buffers of a batch holding
     /// only whole rows: [`FIXED_ROW_BYTES`], plus the UTF-8 bytes of every string (id,
-    /// topic, segment, source, texts and objective names), plus 4 per token id, plus 12 per
-    /// score entry. Validity bitmaps, the one extra offset per column and batch, and
-    /// allocation padding are left out, so the figure adds up row by row and does not depend
-    /// on how rows were batched or sliced.
+    /// topic, segment, source, texts and objective names), plus 2 or 4 per token id (the
+    /// batch's [`TokenWidth`]), plus 12 per score entry. Validity bitmaps, the one extra
+    /// offset per column and batch, and allocation padding are left out, so the figure adds
+    /// up row by row and does not change when rows are sliced or filtered. It depends on the
+    /// other rows of the append only through the token width.
     pub(crate) fn row_bytes(&self, row: usize) -> usize {
         let strings = [
             &self.id,
@@ -566,10 +769,13 @@ impl PairColumns {
         ];
         let string_bytes: usize = strings.iter().map(|a| a.value_length(row) as usize).sum();
         let tokens = [&self.prompt, &self.response_a, &self.response_b];
-        let token_count: usize = tokens.iter().map(|t| t.tokens(row).len()).sum();
+        let token_bytes: usize = tokens
+            .iter()
+            .map(|t| t.count(row) * t.width().bytes())
+            .sum();
         let score_bytes = self.scores_a.bytes(row) + self.scores_b.bytes(row);
 
-        FIXED_ROW_BYTES + string_bytes + TOKEN_BYTES * token_count + score_bytes
+        FIXED_ROW_BYTES + string_bytes + token_bytes + score_bytes
     }
 
     /// Decodes one row into a record.
@@ -581,9 +787,9 @@ impl PairColumns {
             offset: self.offset.value(row),
             event_time_ms: optional(&self.event_time, row),
             ingest_time_ms: self.ingest_time.value(row),
-            prompt_ids: self.prompt.tokens(row).to_vec(),
-            response_a_ids: self.response_a.tokens(row).to_vec(),
-            response_b_ids: self.response_b.tokens(row).to_vec(),
+            prompt_ids: self.prompt.tokens(row),
+            response_a_ids: self.response_a.tokens(row),
+            response_b_ids: self.response_b.tokens(row),
             truncated_a: self.truncated_a.value(row),
             truncated_b: self.truncated_b.value(row),
             preference: self.preference(row)?,
@@ -615,10 +821,16 @@ impl PairColumns {
     }
 }
 
-/// Compares the batch's fields, ignoring schema metadata, with the pair schema's.
+/// Compares the batch's fields, ignoring schema metadata, with those of the pair schema of
+/// the batch's token width (read from `prompt_ids`).
 fn check_fields(batch: &RecordBatch) -> Result<(), BufferError> {
-    let expected = pair_schema();
     let schema = batch.schema();
+    let prompt_ids = schema.field_with_name(name::PROMPT_IDS).ok();
+    let width = prompt_ids.and_then(TokenWidth::of_field);
+    let width = width.ok_or_else(|| BufferError::Schema {
+        column: name::PROMPT_IDS.to_owned(),
+    })?;
+    let expected = pair_schema_with(width);
     let found = schema.fields();
     let mismatch = expected
         .fields()

@@ -49,6 +49,15 @@ pub enum BufferError {
         value: String,
     },
 
+    /// A token id too large for the width it was to be stored at.
+    #[error("column `{column}` holds token id {id}, which does not fit 16 bits")]
+    TokenOutOfRange {
+        /// The token-list column.
+        column: &'static str,
+        /// The id.
+        id: u32,
+    },
+
     /// Two rows with the same id, which a snapshot can hold only if it was not ours.
     #[error("id {id:?} is held twice")]
     DuplicateId {

@@ -9,7 +9,9 @@ use proptest::sample::Index;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
-use super::test_support::{expected_row_bytes, plain_record, record, ID_POOL};
+use super::test_support::{
+    expected_row_bytes, expected_token_bytes, plain_record, record, ID_POOL,
+};
 use super::{
     AppendOutcome, BufferLimits, Evicted, PairRecord, RollingBuffer, RowHandle, SampleStrategy,
 };
@@ -73,6 +75,9 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
 struct ModelRow {
     key: u64,
     record: PairRecord,
+    /// Which append the row came in: its rows share one batch, whose token width follows
+    /// the ids of the rows it still holds.
+    append: u64,
 }
 
 /// The buffer's rules, written naively.
@@ -81,6 +86,7 @@ pub(crate) struct Model {
     limits: BufferLimits,
     rows: VecDeque<ModelRow>,
     next_key: u64,
+    appends: u64,
     appended: u64,
     duplicates: u64,
     evicted: Evicted,
@@ -93,6 +99,7 @@ impl Model {
             limits,
             rows,
             next_key: 0,
+            appends: 0,
             appended: 0,
             duplicates: 0,
             evicted: Evicted::default(),
@@ -106,25 +113,37 @@ impl Model {
     fn bytes(&self) -> usize {
         self.rows
             .iter()
-            .map(|row| expected_row_bytes(&row.record))
+            .map(|row| expected_row_bytes(&row.record, self.token_bytes(row.append)))
             .sum()
+    }
+
+    fn token_bytes(&self, append: u64) -> usize {
+        let batch = self.rows.iter().filter(|row| row.append == append);
+        expected_token_bytes(batch.map(|row| &row.record))
     }
 
     pub(crate) fn append(&mut self, records: Vec<PairRecord>, now: i64) -> AppendOutcome {
         let mut outcome = AppendOutcome::default();
+        let mut fresh: Vec<PairRecord> = Vec::new();
         for record in records {
-            if self.holds(&record.id) {
+            if self.holds(&record.id) || fresh.iter().any(|r| r.id == record.id) {
                 outcome.duplicates += 1;
                 continue;
             }
+            fresh.push(record);
+        }
+
+        for record in fresh {
             self.rows.push_back(ModelRow {
                 key: self.next_key,
                 record,
+                append: self.appends,
             });
             self.next_key += 1;
             outcome.appended += 1;
         }
 
+        self.appends += 1;
         self.appended += outcome.appended as u64;
         self.duplicates += outcome.duplicates as u64;
         outcome.evicted = self.evict(now);
@@ -446,4 +465,81 @@ fn bytes_follow_arrow_buffers() {
 fn buffer_len(data: &arrow::array::ArrayData) -> usize {
     let own: usize = data.buffers().iter().map(|b| b.len()).sum();
     own + data.child_data().iter().map(buffer_len).sum::<usize>()
+}
+
+fn token_item_type(batch: &arrow::array::RecordBatch) -> arrow::datatypes::DataType {
+    let schema = batch.schema();
+    let field = schema.field_with_name("prompt_ids").expect("prompt_ids");
+    match field.data_type() {
+        arrow::datatypes::DataType::List(item) => item.data_type().clone(),
+        other => panic!("prompt_ids is {other:?}"),
+    }
+}
+
+#[test]
+fn ids_are_stored_16_bits_wide_until_one_needs_more() {
+    use arrow::datatypes::DataType;
+
+    let limits = BufferLimits {
+        max_rows: 100,
+        max_bytes: usize::MAX,
+        max_age_ms: None,
+    };
+    let mut buffer = RollingBuffer::new(limits);
+    let mut wide = plain_record("wide", 0);
+    wide.response_b_ids = vec![65_535, 65_536];
+    let narrow = vec![plain_record("a", 0), plain_record("b", 0)];
+    buffer.append(narrow.clone(), 0).expect("append narrow");
+    buffer
+        .append(vec![wide.clone(), plain_record("c", 0)], 0)
+        .expect("append wide");
+
+    let batches: Vec<_> = buffer.batches().collect();
+    assert_eq!(token_item_type(batches[0]), DataType::UInt16);
+    assert_eq!(token_item_type(batches[1]), DataType::UInt32);
+    // plain_record holds 6 ids, `wide` 7: 2 bytes each in the first batch, 4 in the second;
+    // `base` is a one-letter id's row without ids, and "wide" has 3 letters more.
+    let base = expected_row_bytes(&plain_record("a", 0), 0);
+    let expected = 2 * (base + 2 * 6) + (base + 3 + 4 * 7) + (base + 4 * 6);
+    assert_eq!(buffer.bytes(), expected);
+    let ids: Vec<_> = buffer.to_records().expect("decode");
+    assert_eq!(ids[2].response_b_ids, vec![65_535, 65_536]);
+    assert_eq!(ids[0].prompt_ids, narrow[0].prompt_ids);
+}
+
+#[test]
+fn a_batch_narrows_once_its_wide_rows_are_evicted() {
+    use arrow::datatypes::DataType;
+
+    // One row with an id above 16 bits, then two that fit.
+    let records = || {
+        let mut wide = plain_record("wide", 0);
+        wide.prompt_ids = vec![100_000];
+        vec![wide, plain_record("b", 0), plain_record("c", 0)]
+    };
+    let base = expected_row_bytes(&plain_record("b", 0), 0);
+    let mut buffer = RollingBuffer::new(BufferLimits {
+        max_rows: 2,
+        max_bytes: usize::MAX,
+        max_age_ms: None,
+    });
+    buffer.append(records(), 0).expect("append");
+
+    let ids: Vec<_> = buffer.ids().collect();
+    assert_eq!(ids, ["b", "c"]);
+    let batch = buffer.batches().next().expect("one batch");
+    assert_eq!(token_item_type(batch), DataType::UInt16);
+    assert_eq!(buffer.bytes(), 2 * (base + 2 * 6));
+    assert_eq!(buffer.stats().bytes, buffer.bytes());
+
+    // The bytes freed by narrowing count: a byte limit that two wide rows would exceed holds
+    // them once the batch is narrow.
+    let mut buffer = RollingBuffer::new(BufferLimits {
+        max_rows: 100,
+        max_bytes: 2 * (base + 2 * 6),
+        max_age_ms: None,
+    });
+    let outcome = buffer.append(records(), 0).expect("append");
+    assert_eq!(outcome.evicted.over_capacity, 1, "only the wide row goes");
+    assert_eq!(buffer.len(), 2);
 }

@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! An ordinary Arrow IPC file (readable by any Arrow tool) of [`pair_schema`] plus a
-//! non-null `times_trained: UInt32` column, one record batch per buffer chunk. The footer's
+//! non-null `times_trained: UInt32` column, one record batch per buffer chunk. Token ids are
+//! written 32 bits wide whatever width a chunk held them at in memory, and restored as
+//! narrow as each chunk's ids allow (zstd makes the wide ids cheap on disk). The footer's
 //! custom metadata holds two entries:
 //!
 //! - `rebeld.snapshot.meta`: JSON with the format version, the limits, the buffer's
@@ -31,10 +33,11 @@ use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
 use arrow::ipc::{CompressionType, MetadataVersion};
 use serde::{Deserialize, Serialize};
 
+use super::columns::{narrowest, with_token_width};
 use super::crc::{crc32, Crc32, HashingWriter};
 use super::{
     pair_schema, BufferError, BufferLimits, Chunk, Counters, DedupWindow, Evicted, PairColumns,
-    RollingBuffer, SnapshotError,
+    RollingBuffer, SnapshotError, TokenWidth,
 };
 
 /// The snapshot format this build writes and reads.
@@ -108,7 +111,8 @@ impl RollingBuffer {
         self.image().write(path, meta)
     }
 
-    /// Rebuilds a buffer from snapshot batches, checking each against the pair schema.
+    /// Rebuilds a buffer from snapshot batches, checking each against the pair schema and
+    /// storing its ids as narrow as they allow, as the append that made the batch did.
     fn restore(
         limits: BufferLimits,
         counters: Counters,
@@ -117,6 +121,7 @@ impl RollingBuffer {
         let mut buffer = RollingBuffer::new(limits);
         buffer.counters = counters;
         for (batch, times_trained) in parts.into_iter().filter(|(b, _)| b.num_rows() > 0) {
+            let batch = narrowest(&batch)?;
             let chunk = Chunk::new(PairColumns::try_new(batch)?, buffer.next_seq, times_trained);
             for id in chunk.cols().ids() {
                 if !buffer.ids.insert(id.to_owned()) {
@@ -244,11 +249,14 @@ fn snapshot_schema() -> SchemaRef {
     SCHEMA.get_or_init(build).clone()
 }
 
+/// The batch as a snapshot stores it: token ids widened to `UInt32`, `times_trained` added.
 fn with_times_trained(
     batch: &RecordBatch,
     times_trained: &UInt32Array,
 ) -> Result<RecordBatch, ArrowError> {
-    let mut columns = batch.columns().to_vec();
+    let wide = with_token_width(batch, TokenWidth::U32)
+        .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
+    let mut columns = wide.columns().to_vec();
     columns.push(Arc::new(times_trained.clone()));
     RecordBatch::try_new(snapshot_schema(), columns)
 }

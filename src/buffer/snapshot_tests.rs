@@ -40,7 +40,8 @@ fn assert_same(restored: &RollingBuffer, original: &RollingBuffer) -> Result<(),
     prop_assert_eq!(restored.batches().count(), original.batches().count());
     let schemas_match = restored
         .batches()
-        .all(|b| b.schema() == super::pair_schema());
+        .zip(original.batches())
+        .all(|(r, o)| r.schema() == o.schema());
     prop_assert!(schemas_match);
     Ok(())
 }
@@ -267,4 +268,41 @@ fn an_empty_buffer_round_trips() {
     assert!(restored.is_empty());
     assert_eq!(restored.limits(), limits);
     assert_eq!(restored_meta, meta);
+}
+
+#[test]
+fn snapshots_store_ids_32_bits_wide_and_restore_each_batch_at_its_width() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("widths.arrow");
+    let mut buffer = RollingBuffer::new(BufferLimits {
+        max_rows: 10,
+        max_bytes: usize::MAX,
+        max_age_ms: None,
+    });
+    let mut wide = plain_record("wide", 0);
+    wide.response_a_ids = vec![70_000, 3];
+    buffer
+        .append(vec![plain_record("a", 0)], 0)
+        .expect("append");
+    buffer.append(vec![wide], 0).expect("append");
+    buffer
+        .write_snapshot(&path, &SnapshotMeta::default())
+        .expect("write");
+
+    // The file holds one schema, the canonical one, whatever the batches held in memory.
+    let file = fs::File::open(&path).expect("open");
+    let reader = arrow::ipc::reader::FileReader::try_new(file, None).expect("an Arrow file");
+    let file_ids = reader.schema().field_with_name("prompt_ids").cloned();
+    let canonical = super::pair_schema().field_with_name("prompt_ids").cloned();
+    assert_eq!(file_ids.expect("ids"), canonical.expect("ids"));
+
+    let (restored, _) = read_snapshot(&path).expect("read");
+    let widths: Vec<_> = restored.batches().map(|b| b.schema()).collect();
+    assert_eq!(widths[0], super::pair_schema_with(super::TokenWidth::U16));
+    assert_eq!(widths[1], super::pair_schema_with(super::TokenWidth::U32));
+    assert_eq!(restored.bytes(), buffer.bytes());
+    assert_eq!(
+        restored.to_records().expect("decode"),
+        buffer.to_records().expect("decode")
+    );
 }

@@ -14,8 +14,9 @@ pub(crate) const ID_POOL: u32 = 40;
 /// lists and 2 score maps; fixed widths partition 4, offset 8, two timestamps 8 each,
 /// two truncation flags 1 each, preference 1, confidence 4, two policy versions 8 each,
 /// times_trained 4;
-/// then string bytes, 4 per token, and 4 + 8 + name bytes per score.
-pub(crate) fn expected_row_bytes(r: &PairRecord) -> usize {
+/// then string bytes, `token_bytes` per token (the width of the record's batch), and
+/// 4 + 8 + name bytes per score.
+pub(crate) fn expected_row_bytes(r: &PairRecord, token_bytes: usize) -> usize {
     let offsets = 4 * (7 + 3 + 2);
     let fixed = 4 + 8 + 8 + 8 + 1 + 1 + 1 + 4 + 8 + 8 + 4;
     let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
@@ -29,11 +30,30 @@ pub(crate) fn expected_row_bytes(r: &PairRecord) -> usize {
     let tokens = r.prompt_ids.len() + r.response_a_ids.len() + r.response_b_ids.len();
     let scores = |s: &[(String, f64)]| s.iter().map(|(name, _)| 12 + name.len()).sum::<usize>();
 
-    offsets + fixed + strings + 4 * tokens + scores(&r.scores_a) + scores(&r.scores_b)
+    offsets + fixed + strings + token_bytes * tokens + scores(&r.scores_a) + scores(&r.scores_b)
 }
 
+/// Bytes per token id of a batch holding `records`, decided from the ids alone: 2 when all
+/// are below 65,536.
+pub(crate) fn expected_token_bytes<'a>(records: impl IntoIterator<Item = &'a PairRecord>) -> usize {
+    let small = |ids: &[u32]| ids.iter().all(|&id| id < 65_536);
+    let narrow = records
+        .into_iter()
+        .all(|r| small(&r.prompt_ids) && small(&r.response_a_ids) && small(&r.response_b_ids));
+    if narrow {
+        2
+    } else {
+        4
+    }
+}
+
+/// Mostly ids of a vocabulary below 65,536 (so that batches of 16-bit ids happen), now and
+/// then any 32-bit id.
 fn tokens() -> impl Strategy<Value = Vec<u32>> {
-    vec(any::<u32>(), 0..6)
+    prop_oneof![
+        4 => vec(0..65_536_u32, 0..6),
+        1 => vec(any::<u32>(), 0..6),
+    ]
 }
 
 fn scores() -> impl Strategy<Value = Vec<(String, f64)>> {
