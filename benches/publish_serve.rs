@@ -7,13 +7,16 @@
 //!   `cp -r` of the committed folder plus `sha256sum` of the copy (and with `sync` of the copy
 //!   in between, since the store flushes to disk and plain `cp` does not).
 //! - Serving: one client downloading `model.safetensors` from the API router over loopback
-//!   HTTP/1.1, against `cat FILE > /dev/null`; then 32 clients at once. The file is in the
-//!   page cache for both (it was just written and read).
+//!   HTTP/1.1, against `cat FILE > /dev/null` and against the same bytes written raw into a
+//!   loopback TCP socket from a memory map of the file (what the socket itself allows,
+//!   without HTTP); then 32 clients at once. The file is in the
+//!   page cache for every reader (it was just written and read).
 
 #[path = "../tests/serve_support/mod.rs"]
 mod serve_support;
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -117,17 +120,38 @@ fn publication(server: &TestServer, scratch: &Path) -> PathBuf {
 }
 
 fn download(port: u16, target: &str) -> u64 {
-    let (reply, mut body) = open(port, "GET", target, &[]);
+    let (reply, body) = open(port, "GET", target, &[]);
     assert_eq!(reply.status, 200, "{target}");
+    drain(body)
+}
+
+/// Reads to the end in 1 MiB reads, as every client of this bench does; returns the bytes.
+fn drain(mut source: impl Read) -> u64 {
     let mut buf = vec![0_u8; 1 << 20];
     let mut total = 0_u64;
     loop {
-        let n = body.read(&mut buf).expect("read body");
+        let n = source.read(&mut buf).expect("read body");
         if n == 0 {
             return total;
         }
         total += n as u64;
     }
+}
+
+/// Sends the file raw to one loopback client, which reads it as `download` does.
+fn raw_socket(file: &Path) -> u64 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let (mut socket, _) = listener.accept().expect("accept");
+            let source = std::fs::File::open(file).expect("open");
+            // SAFETY: the bench's own file, which nothing changes while it is mapped.
+            let map = unsafe { memmap2::Mmap::map(&source) }.expect("map");
+            socket.write_all(&map).expect("send");
+        });
+        drain(TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+    })
 }
 
 fn serving(server: &TestServer, file: &Path) {
@@ -136,9 +160,12 @@ fn serving(server: &TestServer, file: &Path) {
     let target = format!("/v1/versions/{version}/files/{WEIGHTS}");
     let cat = format!("cat {} > /dev/null", file.display());
     shell(&cat);
-    let (mut disk, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut disk, mut raw, mut one, mut many) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         disk.push(shell(&cat));
+        let started = Instant::now();
+        assert_eq!(raw_socket(file), size);
+        raw.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
         assert_eq!(download(server.port, &target), size);
         one.push(started.elapsed().as_secs_f64());
@@ -153,14 +180,16 @@ fn serving(server: &TestServer, file: &Path) {
         });
         many.push(started.elapsed().as_secs_f64());
     }
-    let (disk, one, many) = (median(disk), median(one), median(many));
+    let (disk, raw, one, many) = (median(disk), median(raw), median(one), median(many));
     let rate = |bytes: f64, s: f64| bytes / s / 1e6;
     let disk_rate = rate(size as f64, disk);
     println!("\nserving: {WEIGHTS}, {size} bytes, page cache warm, loopback HTTP/1.1");
-    println!("\n| reader | median s | MB/s (aggregate) | ratio to cat |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!("\n| reader | median s | MB/s (aggregate) | ratio to cat | ratio to raw socket |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let raw_rate = rate(size as f64, raw);
     let rows = [
         ("cat FILE > /dev/null", disk, size as f64),
+        ("raw loopback socket, 1 client", raw, size as f64),
         ("1 API client", one, size as f64),
         (
             "32 API clients at once",
@@ -170,7 +199,8 @@ fn serving(server: &TestServer, file: &Path) {
     ];
     for (label, s, bytes) in rows {
         let r = rate(bytes, s);
-        println!("| {label} | {s:.3} | {r:.0} | {:.2}x |", r / disk_rate);
+        let (to_cat, to_raw) = (r / disk_rate, r / raw_rate);
+        println!("| {label} | {s:.3} | {r:.0} | {to_cat:.2}x | {to_raw:.2}x |");
     }
 }
 
