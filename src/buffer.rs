@@ -239,9 +239,14 @@ impl RollingBuffer {
             }
 
             let keep: Vec<bool> = chunk.rows().iter().map(|r| r.ingest_ms >= cutoff).collect();
+            // Everything that can fail comes before the totals change.
             let kept = match keep.contains(&true) {
                 true => Some(chunk.retain(&keep)?),
                 false => None,
+            };
+            let narrowed = match kept {
+                Some(mut kept) => Some((kept.narrow()?, kept)),
+                None => None,
             };
             let dropped = keep
                 .iter()
@@ -252,9 +257,9 @@ impl RollingBuffer {
             evicted.expired += removed.0;
             evicted.never_trained += removed.1;
 
-            match kept {
-                Some(mut kept) => {
-                    self.bytes -= kept.narrow()?;
+            match narrowed {
+                Some((saved, kept)) => {
+                    self.bytes -= saved;
                     self.chunks[index] = kept;
                     index += 1;
                 }
@@ -272,20 +277,32 @@ impl RollingBuffer {
             let excess_rows = self.rows.saturating_sub(self.limits.max_rows);
             let excess_bytes = self.bytes.saturating_sub(self.limits.max_bytes);
             let count = front.front_rows_to_shed(excess_rows, excess_bytes);
-            let whole_chunk = count == front.len();
             if count == 0 {
                 break;
             }
 
+            // The rest of the front chunk, built before the totals change, since narrowing
+            // can fail.
+            let rest = match count == front.len() {
+                true => None,
+                false => {
+                    let mut rest = front.clone();
+                    rest.drop_front(count);
+                    Some((rest.narrow()?, rest))
+                }
+            };
             let removed = self.forget(0, 0..count);
             evicted.over_capacity += removed.0;
             evicted.never_trained += removed.1;
 
-            if whole_chunk {
-                self.chunks.pop_front();
-            } else if let Some(front) = self.chunks.front_mut() {
-                front.drop_front(count);
-                self.bytes -= front.narrow()?;
+            match rest {
+                None => {
+                    self.chunks.pop_front();
+                }
+                Some((saved, rest)) => {
+                    self.bytes -= saved;
+                    self.chunks[0] = rest;
+                }
             }
         }
         Ok(evicted)

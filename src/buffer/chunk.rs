@@ -49,17 +49,19 @@ impl Chunk {
             })
             .collect();
 
-        Chunk::from_parts(cols, rows)
+        let wide_rows = cols.rows_through_last_wide_id();
+        Chunk::from_parts(cols, rows, wide_rows)
     }
 
-    fn from_parts(cols: PairColumns, rows: Vec<RowMeta>) -> Chunk {
+    /// `wide_rows` as [`PairColumns::rows_through_last_wide_id`] gives it for `cols`.
+    fn from_parts(cols: PairColumns, rows: Vec<RowMeta>, wide_rows: usize) -> Chunk {
         let bytes = rows.iter().map(|r| r.bytes).sum();
         let min_ingest_ms = rows.iter().map(|r| r.ingest_ms).min().unwrap_or(i64::MAX);
         let events = (0..cols.len()).map(|row| cols.event_or_ingest_ms(row));
         let min_event_ms = events.min().unwrap_or(i64::MAX);
 
         Chunk {
-            wide_rows: cols.rows_through_last_wide_id(),
+            wide_rows,
             cols,
             rows,
             bytes,
@@ -108,7 +110,7 @@ impl Chunk {
     /// How many rows from the front must go to shed `rows` rows and `bytes` bytes, as far as
     /// this chunk can.
     ///
-    /// Stops at the last row holding a wide token id: once it goes, [`Chunk::narrow`]
+    /// Stops after the last row holding a wide token id: once it goes, [`Chunk::narrow`]
     /// recharges the rows after it, so they are weighed again.
     pub(crate) fn front_rows_to_shed(&self, rows: usize, bytes: usize) -> usize {
         let stop = match self.wide_rows {
@@ -133,7 +135,8 @@ impl Chunk {
     pub(crate) fn drop_front(&mut self, count: usize) {
         let cols = self.cols.slice(count, self.len() - count);
         let rows = self.rows.split_off(count);
-        *self = Chunk::from_parts(cols, rows);
+        let wide_rows = self.wide_rows.saturating_sub(count);
+        *self = Chunk::from_parts(cols, rows, wide_rows);
     }
 
     /// Stores the token ids 16 bits wide when the rows held now allow it (after the rows
@@ -152,7 +155,7 @@ impl Chunk {
             meta.bytes = cols.row_bytes(row);
         }
         let before = self.bytes;
-        *self = Chunk::from_parts(cols, rows);
+        *self = Chunk::from_parts(cols, rows, 0);
         Ok(before - self.bytes)
     }
 
@@ -173,6 +176,7 @@ impl Chunk {
             .map(|(r, _)| *r)
             .collect();
 
-        Ok(Chunk::from_parts(cols, rows))
+        let wide_rows = cols.rows_through_last_wide_id();
+        Ok(Chunk::from_parts(cols, rows, wide_rows))
     }
 }

@@ -506,11 +506,25 @@ impl TokenColumn {
         }
     }
 
-    /// Every id of every row, in row order.
+    /// Every id of every row, in row order: the item values between the first row's start
+    /// and the last row's end, which a slice leaves in place.
     fn all_ids(&self) -> Vec<u32> {
-        (0..self.list.len())
-            .flat_map(|row| self.tokens(row))
-            .collect()
+        let offsets = self.list.value_offsets();
+        let span = offsets[0] as usize..offsets[self.list.len()] as usize;
+        match &self.items {
+            TokenItems::U16(items) => items.values()[span].iter().map(|&id| id.into()).collect(),
+            TokenItems::U32(items) => items.values()[span].to_vec(),
+        }
+    }
+
+    /// Whether the row holds an id above `u16::MAX`, read in place.
+    fn has_wide_id(&self, row: usize) -> bool {
+        match &self.items {
+            TokenItems::U16(_) => false,
+            TokenItems::U32(items) => items.values()[self.range(row)]
+                .iter()
+                .any(|&id| u16::try_from(id).is_err()),
+        }
     }
 
     /// The column re-encoded at `width`, with the same offsets.
@@ -708,10 +722,7 @@ impl PairColumns {
             return 0;
         }
         let ids = [&self.prompt, &self.response_a, &self.response_b];
-        let wide = |row: usize| {
-            ids.iter()
-                .any(|t| t.tokens(row).iter().any(|&id| id > 0xFFFF))
-        };
+        let wide = |row: usize| ids.iter().any(|t| t.has_wide_id(row));
         (0..self.len())
             .rev()
             .find(|&row| wide(row))
