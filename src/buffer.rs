@@ -244,10 +244,9 @@ impl RollingBuffer {
                 true => Some(chunk.retain(&keep)?),
                 false => None,
             };
-            let narrowed = match kept {
-                Some(mut kept) => Some((kept.narrow()?, kept)),
-                None => None,
-            };
+            let narrowed = kept
+                .map(|mut kept| kept.narrow().map(|saved| (saved, kept)))
+                .transpose()?;
             let dropped = keep
                 .iter()
                 .enumerate()

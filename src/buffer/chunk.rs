@@ -3,7 +3,7 @@
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 
-use super::columns::{with_token_width, PairColumns, TokenWidth};
+use super::columns::{PairColumns, TokenWidth};
 use super::error::BufferError;
 
 /// What the buffer keeps per row outside Arrow, so eviction and sampling decode nothing.
@@ -148,8 +148,7 @@ impl Chunk {
             return Ok(0);
         }
 
-        let batch = with_token_width(self.cols.batch(), TokenWidth::U16)?;
-        let cols = PairColumns::try_new(batch)?;
+        let cols = self.cols.at_token_width(TokenWidth::U16)?;
         let mut rows = self.rows.clone();
         for (row, meta) in rows.iter_mut().enumerate() {
             meta.bytes = cols.row_bytes(row);

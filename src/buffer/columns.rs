@@ -395,44 +395,6 @@ fn token_values(mut tokens: Vec<u32>, width: TokenWidth) -> ArrayRef {
     }
 }
 
-/// The batch with its token ids re-encoded at `width`, sharing every other column.
-///
-/// Fails with [`BufferError::TokenOutOfRange`] when an id does not fit `width`.
-pub(crate) fn with_token_width(
-    batch: &RecordBatch,
-    width: TokenWidth,
-) -> Result<RecordBatch, BufferError> {
-    let cols = PairColumns::try_new(batch.clone())?;
-    if cols.token_width() == width {
-        return Ok(batch.clone());
-    }
-
-    let mut columns = batch.columns().to_vec();
-    let token_columns = [
-        (name::PROMPT_IDS, &cols.prompt),
-        (name::RESPONSE_A_IDS, &cols.response_a),
-        (name::RESPONSE_B_IDS, &cols.response_b),
-    ];
-    for (column, tokens) in token_columns {
-        let index = batch
-            .schema()
-            .index_of(column)
-            .map_err(arrow_error("finding ids"))?;
-        columns[index] = tokens.at_width(column, width)?;
-    }
-    RecordBatch::try_new(pair_schema_with(width), columns)
-        .map_err(arrow_error("re-encoding token ids"))
-}
-
-/// The batch with the narrowest token width its ids allow.
-pub(crate) fn narrowest(batch: &RecordBatch) -> Result<RecordBatch, BufferError> {
-    let width = match PairColumns::try_new(batch.clone())?.rows_through_last_wide_id() {
-        0 => TokenWidth::U16,
-        _ => TokenWidth::U32,
-    };
-    with_token_width(batch, width)
-}
-
 fn score_column<'a>(
     column: &'static str,
     rows: usize,
@@ -499,21 +461,20 @@ impl TokenColumn {
 
     /// The row's ids.
     fn tokens(&self, row: usize) -> Vec<u32> {
-        let range = self.range(row);
-        match &self.items {
-            TokenItems::U16(items) => items.values()[range].iter().map(|&id| id.into()).collect(),
-            TokenItems::U32(items) => items.values()[range].to_vec(),
-        }
+        self.ids_in(self.range(row))
     }
 
     /// Every id of every row, in row order: the item values between the first row's start
     /// and the last row's end, which a slice leaves in place.
     fn all_ids(&self) -> Vec<u32> {
         let offsets = self.list.value_offsets();
-        let span = offsets[0] as usize..offsets[self.list.len()] as usize;
+        self.ids_in(offsets[0] as usize..offsets[self.list.len()] as usize)
+    }
+
+    fn ids_in(&self, items: std::ops::Range<usize>) -> Vec<u32> {
         match &self.items {
-            TokenItems::U16(items) => items.values()[span].iter().map(|&id| id.into()).collect(),
-            TokenItems::U32(items) => items.values()[span].to_vec(),
+            TokenItems::U16(values) => values.values()[items].iter().map(|&id| id.into()).collect(),
+            TokenItems::U32(values) => values.values()[items].to_vec(),
         }
     }
 
@@ -530,9 +491,10 @@ impl TokenColumn {
     /// The column re-encoded at `width`, with the same offsets.
     fn at_width(&self, column: &'static str, width: TokenWidth) -> Result<ArrayRef, BufferError> {
         let ids = self.all_ids();
-        let too_wide = ids.iter().find(|&&id| u16::try_from(id).is_err());
-        if let (TokenWidth::U16, Some(&id)) = (width, too_wide) {
-            return Err(BufferError::TokenOutOfRange { column, id });
+        if width == TokenWidth::U16 {
+            if let Some(&id) = ids.iter().find(|&&id| u16::try_from(id).is_err()) {
+                return Err(BufferError::TokenOutOfRange { column, id });
+            }
         }
 
         let lengths = (0..self.list.len()).map(|row| self.count(row));
@@ -712,6 +674,42 @@ impl PairColumns {
     /// How the batch stores its token ids.
     pub(crate) fn token_width(&self) -> TokenWidth {
         self.prompt.width()
+    }
+
+    /// The same rows with their token ids re-encoded at `width`, sharing every other column.
+    ///
+    /// Fails with [`BufferError::TokenOutOfRange`] when an id does not fit `width`.
+    pub(crate) fn at_token_width(&self, width: TokenWidth) -> Result<PairColumns, BufferError> {
+        if self.token_width() == width {
+            return Ok(self.clone());
+        }
+
+        let mut columns = self.batch.columns().to_vec();
+        let token_columns = [
+            (name::PROMPT_IDS, &self.prompt),
+            (name::RESPONSE_A_IDS, &self.response_a),
+            (name::RESPONSE_B_IDS, &self.response_b),
+        ];
+        for (column, tokens) in token_columns {
+            let index = self
+                .batch
+                .schema()
+                .index_of(column)
+                .map_err(arrow_error("finding ids"))?;
+            columns[index] = tokens.at_width(column, width)?;
+        }
+        let batch = RecordBatch::try_new(pair_schema_with(width), columns)
+            .map_err(arrow_error("re-encoding token ids"))?;
+        PairColumns::try_new(batch)
+    }
+
+    /// The same rows with the narrowest token width their ids allow.
+    pub(crate) fn narrowest(&self) -> Result<PairColumns, BufferError> {
+        let width = match self.rows_through_last_wide_id() {
+            0 => TokenWidth::U16,
+            _ => TokenWidth::U32,
+        };
+        self.at_token_width(width)
     }
 
     /// How many rows from the front, up to and including the last row holding a token id

@@ -33,7 +33,6 @@ use arrow::ipc::writer::{FileWriter, IpcWriteOptions};
 use arrow::ipc::{CompressionType, MetadataVersion};
 use serde::{Deserialize, Serialize};
 
-use super::columns::{narrowest, with_token_width};
 use super::crc::{crc32, Crc32, HashingWriter};
 use super::{
     pair_schema, BufferError, BufferLimits, Chunk, Counters, DedupWindow, Evicted, PairColumns,
@@ -77,7 +76,7 @@ pub struct BufferImage {
     limits: BufferLimits,
     counters: Counters,
     rows: usize,
-    parts: Vec<(RecordBatch, UInt32Array)>,
+    parts: Vec<(PairColumns, UInt32Array)>,
 }
 
 impl RollingBuffer {
@@ -85,10 +84,7 @@ impl RollingBuffer {
     pub fn image(&self) -> BufferImage {
         let parts = self.chunks.iter().map(|chunk| {
             let trained = chunk.rows().iter().map(|r| r.times_trained);
-            (
-                chunk.cols().batch().clone(),
-                UInt32Array::from_iter_values(trained),
-            )
+            (chunk.cols().clone(), UInt32Array::from_iter_values(trained))
         });
 
         BufferImage {
@@ -121,8 +117,8 @@ impl RollingBuffer {
         let mut buffer = RollingBuffer::new(limits);
         buffer.counters = counters;
         for (batch, times_trained) in parts.into_iter().filter(|(b, _)| b.num_rows() > 0) {
-            let batch = narrowest(&batch)?;
-            let chunk = Chunk::new(PairColumns::try_new(batch)?, buffer.next_seq, times_trained);
+            let cols = PairColumns::try_new(batch)?.narrowest()?;
+            let chunk = Chunk::new(cols, buffer.next_seq, times_trained);
             for id in chunk.cols().ids() {
                 if !buffer.ids.insert(id.to_owned()) {
                     return Err(BufferError::DuplicateId { id: id.to_owned() });
@@ -191,8 +187,8 @@ impl BufferImage {
         let options = IpcWriteOptions::try_new(8, false, MetadataVersion::V5)?
             .try_with_compression(Some(CompressionType::ZSTD))?;
         let mut writer = FileWriter::try_new_with_options(out, &snapshot_schema(), options)?;
-        for (batch, times_trained) in &self.parts {
-            writer.write(&with_times_trained(batch, times_trained)?)?;
+        for (cols, times_trained) in &self.parts {
+            writer.write(&with_times_trained(cols, times_trained)?)?;
         }
 
         let (len, crc32_value) = writer.get_ref().digest();
@@ -251,12 +247,13 @@ fn snapshot_schema() -> SchemaRef {
 
 /// The batch as a snapshot stores it: token ids widened to `UInt32`, `times_trained` added.
 fn with_times_trained(
-    batch: &RecordBatch,
+    cols: &PairColumns,
     times_trained: &UInt32Array,
 ) -> Result<RecordBatch, ArrowError> {
-    let wide = with_token_width(batch, TokenWidth::U32)
+    let wide = cols
+        .at_token_width(TokenWidth::U32)
         .map_err(|error| ArrowError::ExternalError(Box::new(error)))?;
-    let mut columns = wide.columns().to_vec();
+    let mut columns = wide.batch().columns().to_vec();
     columns.push(Arc::new(times_trained.clone()));
     RecordBatch::try_new(snapshot_schema(), columns)
 }
